@@ -1,0 +1,176 @@
+"""Settings as frozen dataclasses. YAML/JSON only carries them; unknown keys are an error that names them.
+
+Two documents travel inside a ``.mar``:
+
+* ``model-config.yaml`` section ``layercache:`` -> :class:`HandlerConfig` (read by the handlers from
+  ``context.model_yaml_config``), next to TorchServe's own keys (``batchSize``...).
+* ``layercache_cache.json`` -> :class:`CacheSpec` (the built cache: exits, head architectures, thresholds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from layercache.errors import ConfigError
+
+T = TypeVar("T")
+
+CACHE_SPEC_FILE = "layercache_cache.json"
+HEADS_FILE = "layercache_heads.pt"
+YAML_SECTION = "layercache"
+LOG_DIR_ENV = "LAYERCACHE_LOG_DIR"
+MODES = ("record", "cached")
+
+
+def from_mapping(cls: type[T], data: Mapping[str, Any] | None, *, where: str) -> T:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys.
+
+    Args:
+        cls: a dataclass type.
+        data: the mapping read from YAML/JSON (``None`` means all defaults).
+        where: where the mapping came from, used in error messages.
+
+    Raises:
+        ConfigError: unknown keys (named, with the allowed ones) or a missing required key.
+    """
+    data = dict(data or {})
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {unknown} in {where}. Allowed keys: {sorted(names)}. "
+            "Hint: check the spelling; layercache rejects keys it does not use."
+        )
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ConfigError(f"invalid {where}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class HandlerConfig:
+    """The ``layercache:`` section of a wrapped ``.mar``'s ``model-config.yaml``.
+
+    Attributes:
+        inner_handler: the original handler: a stock TorchServe name (``image_classifier``) or the file name of
+            the custom handler module shipped in the archive (``my_handler.py``).
+        mode: ``record`` (original answers, traffic recorded) or ``cached`` (early exits).
+        log_dir: where traffic is recorded; default ``$LAYERCACHE_LOG_DIR/<model>`` or
+            ``~/.layercache/logs/<model>``.
+        record: record traffic at all.
+        record_activations: log pooled activations of the candidate layers (inputs are always logged).
+        candidates: fx node names whose pooled activations are logged; ``None`` finds them automatically.
+        segment_mb: rotate a worker's Arrow segment at this size.
+        max_log_gb: cap on the whole log dir; rows beyond it are dropped and counted (``None``: no cap).
+        input_shape: expected per-request input shape after preprocess; rows of another shape get HTTP 400.
+        explain_steps: integrated-gradient steps for ``/explanations``.
+    """
+
+    inner_handler: str = "image_classifier"
+    mode: str = "record"
+    log_dir: str | None = None
+    record: bool = True
+    record_activations: bool = True
+    candidates: tuple[str, ...] | None = None
+    segment_mb: float = 64.0
+    max_log_gb: float | None = 10.0
+    input_shape: tuple[int, ...] | None = None
+    explain_steps: int = 15
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"layercache.mode={self.mode!r} is not one of {MODES}")
+        if self.segment_mb <= 0:
+            raise ConfigError(f"layercache.segment_mb={self.segment_mb} must be > 0")
+        if self.max_log_gb is not None and self.max_log_gb <= 0:
+            raise ConfigError(f"layercache.max_log_gb={self.max_log_gb} must be > 0 or null")
+        if self.candidates is not None:
+            object.__setattr__(self, "candidates", tuple(str(c) for c in self.candidates))
+        if self.input_shape is not None:
+            object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
+
+    @classmethod
+    def from_yaml_config(cls, yaml_config: Mapping[str, Any] | None) -> HandlerConfig:
+        """Read the ``layercache:`` section of ``context.model_yaml_config``."""
+        section = (yaml_config or {}).get(YAML_SECTION)
+        if section is not None and not isinstance(section, Mapping):
+            raise ConfigError(f"model-config.yaml '{YAML_SECTION}:' must be a mapping, got {type(section).__name__}")
+        return from_mapping(cls, section, where=f"model-config.yaml section '{YAML_SECTION}:'")
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """Plain-data form for ``model-config.yaml`` (tuples become lists)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def resolved_log_dir(self, model_name: str) -> Path:
+        """The log directory for ``model_name``."""
+        if self.log_dir:
+            return Path(self.log_dir).expanduser()
+        base = os.environ.get(LOG_DIR_ENV)
+        root = Path(base).expanduser() if base else Path.home() / ".layercache" / "logs"
+        return root / model_name
+
+
+@dataclass(frozen=True)
+class ExitSpec:
+    """One selected cache head of a built cache (depth order)."""
+
+    node: str
+    head: dict[str, Any]
+    in_shape: tuple[int, ...]
+    temperature: float
+    threshold: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "in_shape", tuple(int(s) for s in self.in_shape))
+        if not self.temperature > 0:
+            raise ConfigError(f"exit {self.node}: temperature {self.temperature} must be > 0")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A built cache: what the cached handler needs besides the backbone and the heads' weights."""
+
+    num_classes: int
+    input_shape: tuple[int, ...]
+    exits: tuple[ExitSpec, ...]
+    weights_fingerprint: str = ""
+    candidates: tuple[str, ...] = ()
+    tolerance: float = 0.0
+    format_version: int = 1
+    shrink: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        exits = tuple(e if isinstance(e, ExitSpec) else from_mapping(ExitSpec, e, where="cache exit") for e in self.exits)
+        object.__setattr__(self, "exits", exits)
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(e.node for e in self.exits)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str = CACHE_SPEC_FILE) -> CacheSpec:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where} is not valid JSON: {exc}") from exc
+        return from_mapping(cls, data, where=where)
+
+    @classmethod
+    def load(cls, path: Path) -> CacheSpec:
+        return cls.from_json(Path(path).read_text(), where=str(path))

@@ -1,0 +1,688 @@
+"""Find the layers where a classifier can be cut, and cut it into a chain of segments.
+
+Layer caching runs the backbone as ``segment_0 -> segment_1 -> ... -> segment_k``; after a segment a cache head
+may answer some rows early. A cut is only possible where exactly one value is live (a *single-live point*): the
+output of a residual block qualifies, a node inside it does not, because the shortcut is still live there.
+
+Every node is named as torchvision's ``feature_extraction`` names it (``get_graph_node_names``), e.g.
+``layer1.0.relu_1`` is the output of ResNet block ``layer1.0``; the same names are used in configs, Parquet
+columns, head ids and reports. :func:`list_layer_names` lists the names that can be cut at.
+
+Candidate discovery (:func:`find_candidates`) keeps the single-live points that end a block, judged from module
+paths only (no model-specific names): after the node, execution moves into a module that is neither the node's
+own container nor one of its ancestors (``layer1.0.relu_1`` -> ``layer1.1.conv1``, ``maxpool`` ->
+``layer1.0.conv1``). A return to an enclosing module's own code (``layer4.1.relu_1`` -> ``avgpool``,
+``features.1.conv.0`` -> ``features.1.conv.1`` inside one block) is not a block end. It then drops points too
+close to either end of the network by FLOPs: the stem output of a CIFAR ResNet-18 (0.3% of the FLOPs done, a
+head there sees little more than pixels) and points after which less than ``min_remaining_fraction`` of the
+work is left (little to save).
+
+Example::
+
+    >>> cands = find_candidates(model, torch.randn(1, 3, 32, 32))
+    >>> segments = split(model, [c.node for c in cands])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torchvision
+from torch import fx, nn
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.feature_extraction import NodePathTracer
+
+from layercache.errors import GraphError
+
+__all__ = [
+    "Candidate",
+    "check_batch_dim",
+    "count_flops",
+    "describe_nodes",
+    "find_candidates",
+    "list_layer_names",
+    "segment_flops",
+    "single_live_points",
+    "split",
+    "trace",
+]
+
+logger = logging.getLogger(__name__)
+
+# node.meta key holding the torchvision feature_extraction name of a node.
+NAME_KEY = "layercache_name"
+# GraphModule.meta keys naming what a segment reads and returns.
+SEGMENT_INPUT_KEY = "layercache_input"
+SEGMENT_OUTPUT_KEY = "layercache_output"
+MODEL_OUTPUT = "output"
+
+_COMPUTE_OPS = frozenset({"call_module", "call_function", "call_method"})
+# Batch sizes used to tell the batch dim apart from a dim that merely has the same size.
+_CHECK_BATCHES = (2, 3)
+_HINT_LIST = "Hint: use layercache.graph.list_layer_names (or `tools/build_cache.py --list-layers`)"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A layer where the backbone can be cut and a cache head attached.
+
+    Attributes:
+        node: node name in torchvision's feature_extraction scheme, e.g. ``"layer1.0.relu_1"``.
+        shape: per-sample activation shape at the node (batch dim removed), e.g. ``(64, 32, 32)``.
+        flops_prefix: FLOPs per sample from the input up to and including this node
+            (``torch.utils.flop_counter.FlopCounterMode``, which counts 2 x MACs of conv/matmul ops).
+        flops_remaining: FLOPs per sample from this node to the model output.
+    """
+
+    node: str
+    shape: tuple[int, ...]
+    flops_prefix: int
+    flops_remaining: int
+
+
+class _Tracer(NodePathTracer):
+    """torchvision's ``NodePathTracer`` that also remembers the innermost module whose forward failed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failed_module: tuple[str, type[nn.Module]] | None = None
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            # The innermost failing module records itself first; outer ones see it set.
+            if self.failed_module is None:
+                self.failed_module = (self.path_of_module(m), type(m))
+            raise
+
+
+def _torchvision_ops_leaves() -> list[type[nn.Module]]:
+    # Same defaults as torchvision's create_feature_extractor / get_graph_node_names, so that names match.
+    return [obj for obj in vars(torchvision.ops).values() if isinstance(obj, type) and issubclass(obj, nn.Module)]
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode; restore each one's own flag afterwards (modes may be mixed)."""
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for m, mode in saved:
+            m.training = mode
+
+
+def trace(model: nn.Module, *, leaf_modules: Sequence[type[nn.Module]] = ()) -> fx.GraphModule:
+    """Trace ``model`` with torchvision's feature-extraction tracer, in eval mode.
+
+    The returned GraphModule shares the model's submodules and parameters (nothing is copied). Each node's
+    feature-extraction name (as ``get_graph_node_names`` lists it) is stored in ``node.meta["layercache_name"]``.
+    The model's train/eval flags are restored afterwards.
+
+    Args:
+        model: the classifier; its ``forward`` must take one tensor.
+        leaf_modules: module classes not to trace into; each call becomes one opaque node. torchvision.ops
+            modules are always leaves, as in torchvision.
+
+    Returns:
+        The traced eval-mode graph.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        GraphError: tracing failed (e.g. control flow depending on tensor values), or the graph does not take
+            exactly one input.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    name = type(model).__name__
+    leaves = list(dict.fromkeys([*leaf_modules, *_torchvision_ops_leaves()]))
+    tracer = _Tracer(autowrap_modules=(math, torchvision.ops), leaf_modules=leaves)
+    with _eval_mode(model):
+        try:
+            graph = tracer.trace(model)
+        except Exception as exc:
+            raise GraphError(_trace_failure_message(name, exc, tracer.failed_module)) from exc
+    gm = fx.GraphModule(tracer.root, graph, name)
+    gm.training = model.training  # the flag only; submodules are the model's own
+    names = list(tracer.node_to_qualname.values())
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise GraphError(
+            f"tracing {name} gave duplicate node names {dupes[:5]}; the names would be "
+            "ambiguous. Hint: pass the submodules holding them as leaf_modules"
+        )
+    for node, qualname in tracer.node_to_qualname.items():
+        node.meta[NAME_KEY] = qualname
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise GraphError(
+            f"{name}.forward takes {len(placeholders)} inputs "
+            f"({', '.join(n.name for n in placeholders)}); layer caching needs a model taking one tensor. "
+            "Hint: wrap the model in a module whose forward(x) fixes the other arguments"
+        )
+    return gm
+
+
+def _trace_failure_message(name: str, exc: Exception, failed: tuple[str, type[nn.Module]] | None) -> str:
+    reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if failed is not None and failed[0]:
+        where = f" while tracing submodule '{failed[0]}' ({failed[1].__name__})"
+        leaf = failed[1].__name__
+    else:
+        where = ""
+        leaf = "TheSubmoduleClass"
+    return (
+        f"cannot trace {name} with torch.fx{where}: {reason}. "
+        f"Hint: pass leaf_modules=[{leaf}] so torch.fx treats the untraceable submodule as a leaf (one opaque "
+        "node that is run as is and cannot be cut inside)"
+    )
+
+
+def _name(node: fx.Node) -> str:
+    return node.meta.get(NAME_KEY, node.name)
+
+
+def _input_independent(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes that do not depend on the input: parameters, buffers and what is computed from them alone.
+
+    They are not counted as live values: a segment that needs one recomputes it (see :func:`_build_segment`).
+    """
+    const: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" or (node.op in _COMPUTE_OPS and all(i in const for i in node.all_input_nodes)):
+            const.add(node)
+    return const
+
+
+def _single_live_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    const = _input_independent(gm)
+    outputs = [n for n in nodes if n.op == "output"]
+    producers = {i for o in outputs for i in o.all_input_nodes}
+    # Sweep: a value is live after position p if defined at or before p and used after p.
+    ends_at = [0] * len(nodes)
+    for i, node in enumerate(nodes):
+        if node in const or node.op == "output" or not node.users:
+            continue
+        last = max(index[u] for u in node.users)
+        if last > i:
+            ends_at[last] += 1
+    points = []
+    live = 0
+    live_here: set[fx.Node] = set()
+    for i, node in enumerate(nodes):
+        live -= ends_at[i]
+        if node not in const and node.op != "output" and node.users and max(index[u] for u in node.users) > i:
+            live += 1
+            live_here.add(node)
+        # The one live value must be this node's own output, or the cut would not be "at" this node.
+        if live == 1 and node in live_here and node.op in _COMPUTE_OPS and node not in producers:
+            points.append(node)
+    return points
+
+
+def single_live_points(gm: fx.GraphModule) -> list[str]:
+    """Names of the nodes after which exactly one value is live, in topological (depth) order.
+
+    A value is live after node ``p`` if it is defined at or before ``p`` and used after ``p``. Parameters,
+    buffers and values computed from them alone are not counted (each segment can recompute them); the input
+    placeholder is. The input itself and the nodes producing the model output are excluded, as is a point whose
+    one live value is not the node's own output.
+
+    Args:
+        gm: a graph from :func:`trace` (names come from ``node.meta["layercache_name"]``, else the fx name).
+
+    Returns:
+        Node names where the graph can be cut into two one-input, one-output parts.
+    """
+    return [_name(n) for n in _single_live_nodes(gm)]
+
+
+def list_layer_names(model: nn.Module, *, leaf_modules: Sequence[type[nn.Module]] = ()) -> list[str]:
+    """All names ``model`` can be cut at (for users choosing candidate layers), in depth order.
+
+    Example::
+
+        >>> list_layer_names(torchvision.models.resnet18())[:2]
+        ['conv1', 'bn1']
+    """
+    return single_live_points(trace(model, leaf_modules=leaf_modules))
+
+
+def _container(name: str) -> str:
+    # "layer1.0.relu_1" -> "layer1.0"; "maxpool" -> "" (the top-level module).
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def _encloses(outer: str, inner: str) -> bool:
+    return outer == "" or inner == outer or inner.startswith(outer + ".")
+
+
+def _block_ends(gm: fx.GraphModule) -> set[str]:
+    """Nodes after which execution enters a module that neither is nor encloses the node's own container."""
+    const = _input_independent(gm)
+    compute = [n for n in gm.graph.nodes if n.op in _COMPUTE_OPS and n not in const]
+    ends = set()
+    for node, nxt in itertools.pairwise(compute):
+        here, there = _container(_name(node)), _container(_name(nxt))
+        if not _encloses(there, here):
+            ends.add(_name(node))
+    return ends
+
+
+def _batch_of(example_input: torch.Tensor, batch: int) -> torch.Tensor:
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() == 0 or len(example_input) == 0:
+        raise ValueError("example_input must be a tensor with a batch dim and at least one row")
+    return example_input[torch.arange(batch) % len(example_input)]
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a graph and records each node's output shape and the FLOPs counted up to it."""
+
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode | None) -> None:
+        super().__init__(gm)
+        self.counter = counter
+        self.shapes: dict[fx.Node, tuple[int, ...] | None] = {}
+        self.flops: dict[fx.Node, int] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.shapes[n] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        if self.counter is not None:
+            self.flops[n] = self.counter.get_total_flops()
+        return out
+
+
+@dataclass(frozen=True)
+class _Profile:
+    # Per-sample shape (batch dim removed), None where the output is not a batch-first tensor.
+    shapes: dict[fx.Node, tuple[int, ...] | None]
+    prefix: dict[fx.Node, int]  # FLOPs per sample up to and including the node
+    total: int
+
+
+def _profile(gm: fx.GraphModule, example_input: torch.Tensor) -> _Profile:
+    """Run the graph twice (batch 2 and 3): per-node FLOPs per sample, and which outputs are batch-major."""
+    runs = []
+    with _eval_mode(gm), torch.no_grad():
+        for batch in _CHECK_BATCHES:
+            counter = FlopCounterMode(display=False) if batch == _CHECK_BATCHES[0] else None
+            recorder = _Recorder(gm, counter)
+            with counter if counter is not None else contextlib.nullcontext():
+                recorder.run(_batch_of(example_input, batch))
+            runs.append(recorder)
+    first, second = runs
+    shapes: dict[fx.Node, tuple[int, ...] | None] = {}
+    for node, shape in first.shapes.items():
+        other = second.shapes.get(node)
+        ok = (
+            shape is not None
+            and other is not None
+            and len(shape) >= 1
+            and shape[0] == _CHECK_BATCHES[0]
+            and other[0] == _CHECK_BATCHES[1]
+        )
+        shapes[node] = shape[1:] if ok and shape is not None else None
+    prefix = {node: _per_sample(f, _CHECK_BATCHES[0]) for node, f in first.flops.items()}
+    total = _per_sample(first.counter.get_total_flops(), _CHECK_BATCHES[0]) if first.counter else 0
+    return _Profile(shapes, prefix, total)
+
+
+def _per_sample(flops: int, batch: int) -> int:
+    return (int(flops) + batch // 2) // batch
+
+
+def _candidate(node: fx.Node, profile: _Profile) -> Candidate:
+    shape = profile.shapes.get(node)
+    if shape is None:
+        raise GraphError(
+            f"node '{_name(node)}' does not output a tensor whose dim 0 is the batch; heads and batch "
+            f"shrinking need batch-first activations. {_HINT_LIST} and pick another node"
+        )
+    prefix = profile.prefix[node]
+    return Candidate(_name(node), shape, prefix, profile.total - prefix)
+
+
+def _spread(cands: list[Candidate], keep: int) -> list[Candidate]:
+    """Keep ``keep`` candidates spread evenly over cumulative FLOPs (first and last included), depth order."""
+    if len(cands) <= keep:
+        return cands
+    lo, hi = cands[0].flops_prefix, cands[-1].flops_prefix
+    chosen: set[int] = set()
+    for k in range(keep):
+        target = (lo + hi) / 2 if keep == 1 else lo + (hi - lo) * k / (keep - 1)
+        best = min(
+            (i for i in range(len(cands)) if i not in chosen),
+            key=lambda i: (abs(cands[i].flops_prefix - target), i),
+        )
+        chosen.add(best)
+    return [cands[i] for i in sorted(chosen)]
+
+
+def find_candidates(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    min_remaining_fraction: float = 0.1,
+    min_prefix_fraction: float = 0.01,
+    max_candidates: int = 12,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+) -> list[Candidate]:
+    """Candidate layers for cache heads: single-live block ends, not too close to either end of the network.
+
+    Rules, in order: single-live points (:func:`single_live_points`) that end a block (see the module
+    docstring) and output a batch-first tensor; drop those with less than ``min_prefix_fraction`` of the FLOPs
+    before them (e.g. a CIFAR ResNet-18's stem output, 0.3%: a head there sees little more than pixels) or
+    less than ``min_remaining_fraction`` after them (little left to save). If no block end survives (e.g. a
+    flat ``nn.Sequential`` of layers), all single-live points are considered instead. Of neighbours with no
+    counted FLOPs between them (ViT's ``cat`` and ``encoder.dropout``) only the deeper one is kept. If more
+    than ``max_candidates`` remain, keep that many spread evenly over cumulative FLOPs (deterministic).
+
+    Args:
+        model: the classifier (its train/eval flags are restored afterwards).
+        example_input: one or more input rows, e.g. ``torch.randn(1, 3, 32, 32)``; rows are repeated to
+            batches of 2 and 3 to find the batch dim.
+        min_remaining_fraction: drop points after which less than this share of the FLOPs remains.
+        min_prefix_fraction: drop points before which less than this share of the FLOPs is done.
+        max_candidates: keep at most this many.
+        leaf_modules: module classes not to trace into (see :func:`trace`).
+
+    Returns:
+        Candidates in depth order (possibly empty, logged as a warning).
+
+    Raises:
+        GraphError: the model cannot be traced or its output is not batch-first.
+        ValueError: an argument is out of range.
+
+    Example::
+
+        >>> [c.node for c in find_candidates(resnet18_cifar, torch.randn(1, 3, 32, 32))][:2]
+        ['layer1.0.relu_1', 'layer1.1.relu_1']
+    """
+    if not 0.0 <= min_remaining_fraction < 1.0:
+        raise ValueError(f"min_remaining_fraction must be in [0, 1), got {min_remaining_fraction}")
+    if not 0.0 <= min_prefix_fraction < 1.0:
+        raise ValueError(f"min_prefix_fraction must be in [0, 1), got {min_prefix_fraction}")
+    if max_candidates < 1:
+        raise ValueError(f"max_candidates must be >= 1, got {max_candidates}")
+    gm = trace(model, leaf_modules=leaf_modules)
+    points = _single_live_nodes(gm)
+    profile = _profile(gm, example_input)
+    total = profile.total
+    if total == 0:
+        logger.warning(
+            "%s: no FLOPs counted (no conv/matmul ops); FLOP-based filters skipped",
+            type(model).__name__,
+        )
+
+    def eligible(node: fx.Node) -> bool:
+        if profile.shapes.get(node) is None:
+            return False
+        if total == 0:
+            return True
+        prefix = profile.prefix[node]
+        return (
+            prefix > 0
+            and prefix / total >= min_prefix_fraction
+            and (total - prefix) / total >= (min_remaining_fraction)
+        )
+
+    ends = _block_ends(gm)
+    kept = [n for n in points if _name(n) in ends and eligible(n)]
+    if not kept:
+        logger.info(
+            "%s: no block end qualifies; considering all single-live points",
+            type(model).__name__,
+        )
+        kept = [n for n in points if eligible(n)]
+    # A head at either of two points with no work between them sees the same features; keep the deeper.
+    kept = [
+        n for n, nxt in itertools.zip_longest(kept, kept[1:]) if nxt is None or profile.prefix[nxt] != profile.prefix[n]
+    ]
+    cands = _spread([_candidate(n, profile) for n in kept], max_candidates)
+    if not cands:
+        logger.warning("%s: no candidate layer found; %s", type(model).__name__, _HINT_LIST)
+        return []
+    check_batch_dim(_split_graph(gm, [_node_by_name(gm, c.node) for c in cands]), example_input)
+    logger.debug(
+        "%s: %d single-live points, %d block ends, %d candidates: %s",
+        type(model).__name__,
+        len(points),
+        len(ends),
+        len(cands),
+        [c.node for c in cands],
+    )
+    return cands
+
+
+def _node_by_name(gm: fx.GraphModule, name: str) -> fx.Node:
+    for node in gm.graph.nodes:
+        if _name(node) == name:
+            return node
+    raise KeyError(name)
+
+
+def _resolve(gm: fx.GraphModule, nodes: Sequence[str], model_name: str) -> list[fx.Node]:
+    """Map names to single-live nodes, with torchvision-style errors for names that cannot be cut at."""
+    if isinstance(nodes, str):
+        raise TypeError(f"nodes must be a sequence of node names, got the string {nodes!r}")
+    valid = _single_live_nodes(gm)
+    by_name = {_name(n): n for n in valid}
+    all_names = {_name(n) for n in gm.graph.nodes}
+    examples = ", ".join(repr(_name(n)) for n in valid[: min(len(valid), 6)])
+    resolved = []
+    for name in nodes:
+        if name in by_name:
+            resolved.append(by_name[name])
+            continue
+        if name in all_names:
+            why = (
+                f"node '{name}' of {model_name} is not a point where exactly one value is live "
+                "(e.g. it is inside a residual block whose shortcut is still live, or it is the input or the "
+                "final output)"
+            )
+        else:
+            why = f"node '{name}' is not present in {model_name}"
+        raise GraphError(f"{why}. Valid nodes include {examples}. {_HINT_LIST} to see them all")
+    return resolved
+
+
+def describe_nodes(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    nodes: Sequence[str],
+    *,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+) -> list[Candidate]:
+    """Describe user-chosen cut nodes (shape and FLOPs), checking that each can be cut at.
+
+    Args:
+        model: the classifier.
+        example_input: one or more input rows.
+        nodes: node names (see :func:`list_layer_names`).
+        leaf_modules: module classes not to trace into.
+
+    Returns:
+        One :class:`Candidate` per name, in the given order.
+
+    Raises:
+        GraphError: a name is unknown, is not a single-live point, or its activation is not batch-first.
+    """
+    gm = trace(model, leaf_modules=leaf_modules)
+    resolved = _resolve(gm, nodes, type(model).__name__)
+    profile = _profile(gm, example_input)
+    return [_candidate(n, profile) for n in resolved]
+
+
+def _build_segment(
+    gm: fx.GraphModule,
+    body: list[fx.Node],
+    source: fx.Node | None,
+    target: fx.Node | None,
+    index: int,
+    const: set[fx.Node],
+) -> fx.GraphModule:
+    """One segment: ``source``'s value (or the model input) -> ``target``'s value (or the model output).
+
+    ``const`` holds the input-independent nodes (see :func:`_input_independent`).
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+
+    def lookup(node: fx.Node) -> fx.Node:
+        if node in env:
+            return env[node]
+        if node in const:
+            # Parameters and values derived from them alone are recreated in each segment that uses them.
+            for dep in node.all_input_nodes:
+                lookup(dep)
+            env[node] = graph.node_copy(node, lookup)
+            return env[node]
+        raise GraphError(f"segment {index} needs '{_name(node)}' from an earlier segment; the cut is not single-live")
+
+    if source is not None:
+        placeholder = graph.placeholder(source.name)
+        placeholder.meta[NAME_KEY] = _name(source)
+        env[source] = placeholder
+    for node in body:
+        if node in const and node.users:
+            continue  # copied on first use
+        if node.op == "output":
+            graph.node_copy(node, lookup)
+        else:
+            env[node] = graph.node_copy(node, lookup)
+    if target is not None:
+        graph.output(lookup(target))
+    graph.lint()
+    model_name = type(gm).__name__
+    segment = fx.GraphModule(gm, graph, f"{model_name}Segment{index}")
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    segment.meta[SEGMENT_INPUT_KEY] = _name(source) if source is not None else _name(inputs[0])
+    segment.meta[SEGMENT_OUTPUT_KEY] = _name(target) if target is not None else MODEL_OUTPUT
+    # Submodules are shared with the model; mirror its flag without touching theirs.
+    segment.training = gm.training
+    return segment
+
+
+def _split_graph(gm: fx.GraphModule, cuts: list[fx.Node]) -> list[fx.GraphModule]:
+    order = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(order)}
+    positions = [index[c] for c in cuts]
+    bounds = [-1, *positions, len(order) - 1]
+    const = _input_independent(gm)
+    segments = []
+    for k in range(len(bounds) - 1):
+        body = order[bounds[k] + 1 : bounds[k + 1] + 1]
+        source = cuts[k - 1] if k > 0 else None
+        target = cuts[k] if k < len(cuts) else None
+        segments.append(_build_segment(gm, body, source, target, k, const))
+    return segments
+
+
+def split(
+    model: nn.Module,
+    nodes: Sequence[str],
+    *,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+) -> list[fx.GraphModule]:
+    """Cut ``model`` at ``nodes`` into ``len(nodes) + 1`` one-input, one-output segments.
+
+    Segment 0 maps the model input to the activation at ``nodes[0]``, segment ``i`` maps that of
+    ``nodes[i-1]`` to that of ``nodes[i]``, the last maps ``nodes[-1]``'s to the model output. Segments share the
+    model's submodules and parameters (no copies), so ``model.eval()`` applies to them. They follow the
+    eval-mode graph; run them in eval mode. Composed, they reproduce the model's output bitwise.
+    ``segment.meta["layercache_input"]`` / ``["layercache_output"]`` name what each reads and returns.
+
+    Args:
+        model: the classifier.
+        nodes: cut nodes in depth order, each a single-live point (see :func:`list_layer_names`).
+        leaf_modules: module classes not to trace into.
+
+    Returns:
+        The segments, in execution order.
+
+    Raises:
+        GraphError: a node cannot be cut at, is repeated, or the nodes are not in depth order.
+
+    Example::
+
+        >>> first, rest = split(model.eval(), ["layer2.1.relu_1"])
+        >>> torch.equal(rest(first(x)), model(x))
+        True
+    """
+    gm = trace(model, leaf_modules=leaf_modules)
+    cuts = _resolve(gm, nodes, type(model).__name__)
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for before, after in itertools.pairwise(cuts):
+        if before is after:
+            raise GraphError(f"node '{_name(after)}' is listed twice; list each cut node once")
+        if index[before] > index[after]:
+            in_order = [_name(n) for n in sorted(dict.fromkeys(cuts), key=index.__getitem__)]
+            raise GraphError(
+                f"nodes must be in depth order, but '{_name(after)}' comes before '{_name(before)}'. "
+                f"Hint: pass {in_order}"
+            )
+    return _split_graph(gm, cuts)
+
+
+def check_batch_dim(segments: Sequence[nn.Module], example_input: torch.Tensor) -> None:
+    """Check that every segment's output keeps the batch in dim 0 (batches of 2 and 3, eval mode).
+
+    Channels-last or windowed activations are fine as long as dim 0 is the batch; early exits select rows
+    along dim 0.
+
+    Raises:
+        GraphError: naming the segment output (node) whose dim 0 is not the batch, or that is not a tensor.
+    """
+    with _eval_mode(*segments), torch.no_grad():
+        for batch in _CHECK_BATCHES:
+            value: Any = _batch_of(example_input, batch)
+            for i, segment in enumerate(segments):
+                value = segment(value)
+                node = getattr(segment, "meta", {}).get(SEGMENT_OUTPUT_KEY, f"output of segment {i}")
+                if not isinstance(value, torch.Tensor):
+                    raise GraphError(
+                        f"segment {i} output '{node}' is a {type(value).__name__}, not a tensor; "
+                        "cut at nodes that output one tensor"
+                    )
+                if value.dim() == 0 or value.shape[0] != batch:
+                    raise GraphError(
+                        f"segment {i} output '{node}' has shape {tuple(value.shape)} for a batch of {batch}: "
+                        "dim 0 is not the batch, so rows cannot exit early there. "
+                        f"{_HINT_LIST} and cut at a batch-first node"
+                    )
+
+
+def count_flops(module: nn.Module, example_input: torch.Tensor) -> int:
+    """FLOPs per sample of ``module(example_input)`` (FlopCounterMode, eval mode, no grad; total / batch).
+
+    Example::
+
+        >>> count_flops(resnet18_cifar, torch.randn(2, 3, 32, 32))  # about 1.11e9
+    """
+    with _eval_mode(module), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(example_input)
+    return _per_sample(counter.get_total_flops(), len(example_input))
+
+
+def segment_flops(segments: Sequence[nn.Module], example_input: torch.Tensor) -> list[int]:
+    """FLOPs per sample of each segment when the chain runs on ``example_input``; one entry per segment."""
+    flops = []
+    value: Any = example_input
+    with _eval_mode(*segments), torch.no_grad():
+        for segment in segments:
+            with FlopCounterMode(display=False) as counter:
+                value = segment(value)
+            flops.append(_per_sample(counter.get_total_flops(), len(example_input)))
+    return flops

@@ -1,0 +1,546 @@
+"""Recorded traffic: the row schema, row encoding, segment compaction and reading a log dir.
+
+A log dir holds compacted Parquet parts and, under ``_segments/``, the Arrow IPC stream files that recorder
+processes append to (see :mod:`layercache.recorder`)::
+
+    LOGDIR/part-<stem>.parquet              # compacted, zstd; what pandas / pyarrow.dataset read
+    LOGDIR/_segments/seg-<host>-<pid>-<ns>.arrows   # live or orphaned; ignored by pyarrow.dataset
+
+A writer holds ``fcntl.flock(LOCK_EX)`` on its open segment. :func:`compact` converts only segments it can lock,
+i.e. closed ones and those left by killed workers (the kernel drops a dead process's locks).
+
+Example::
+
+    schema = make_schema(["layer1.1.relu_1", "layer2.1.relu_1"])
+    table = read_logs(Path("logs/"))
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from layercache.errors import LogError
+
+logger = logging.getLogger(__name__)
+
+ACT_PREFIX = "act:"
+SCHEMA_VERSION = "1"
+SEGMENT_DIR_NAME = "_segments"
+SEGMENT_GLOB = "seg-*.arrows"
+PART_GLOB = "part-*.parquet"
+PARQUET_COMPRESSION = "zstd"
+
+# Columns whose values repeat across rows: dictionary encoding pays off there and nowhere else (the binary
+# columns are unique per row; trying a dictionary on them only costs time).
+_DICTIONARY_COLUMNS = ["model_name", "model_version", "weights_fingerprint", "exit", "label"]
+# Bytes an IPC stream starts with (continuation marker); a file cut inside its schema message starts with a
+# prefix of it, any other content is not an Arrow IPC stream.
+_IPC_CONTINUATION = b"\xff\xff\xff\xff"
+_MAX_INT32 = 2**31 - 1
+# A segment temp file older than this is left by a writer that died before renaming it (it renames at once).
+_STALE_TEMP_S = 60.0
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def make_schema(act_nodes: Sequence[str]) -> pa.Schema:
+    """Build the schema of a recorded row (docs/DESIGN.md, "Recorded row").
+
+    Args:
+        act_nodes: fx node names of the candidate layers whose pooled activations are recorded; each becomes a
+            nullable binary column ``act:<node>``, in the given order.
+
+    Returns:
+        The schema, with metadata ``{"layercache.schema": "1"}``.
+
+    Raises:
+        ValueError: a node name is empty or repeated.
+    """
+    nodes = list(act_nodes)
+    for node in nodes:
+        if not isinstance(node, str) or not node:
+            raise ValueError(f"act node names must be non-empty strings, got {node!r}")
+    duplicates = sorted({node for node in nodes if nodes.count(node) > 1})
+    if duplicates:
+        raise ValueError(f"act nodes listed more than once: {duplicates}; list each candidate node once")
+    fields = [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("time", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("model_name", pa.string(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("weights_fingerprint", pa.string(), nullable=False),
+        pa.field("input", pa.binary(), nullable=False),
+        pa.field("input_shape", pa.list_(pa.int32()), nullable=False),
+        pa.field("probs", pa.list_(pa.float32()), nullable=False),
+        pa.field("prediction", pa.int32(), nullable=False),
+        pa.field("exit", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=True),
+    ]
+    fields += [pa.field(ACT_PREFIX + node, pa.binary(), nullable=True) for node in nodes]
+    return pa.schema(fields, metadata={"layercache.schema": SCHEMA_VERSION})
+
+
+def act_nodes_of(schema: pa.Schema) -> list[str]:
+    """Node names of the ``act:<node>`` columns of ``schema``, in column order."""
+    return [name[len(ACT_PREFIX) :] for name in schema.names if name.startswith(ACT_PREFIX)]
+
+
+def _rows_to_binary(values: np.ndarray) -> pa.Array:
+    """One binary value per row of a 2-D array, zero-copy over its contiguous buffer."""
+    n_rows, row_len = values.shape
+    row_bytes = row_len * values.itemsize
+    if n_rows * row_bytes > _MAX_INT32:
+        raise ValueError(
+            f"a batch of {n_rows} rows x {row_bytes} bytes exceeds the 2 GiB of one binary column; "
+            "record smaller batches"
+        )
+    values = np.ascontiguousarray(values)
+    offsets = np.arange(n_rows + 1, dtype=np.int32) * np.int32(row_bytes)
+    return pa.Array.from_buffers(pa.binary(), n_rows, [None, pa.py_buffer(offsets), pa.py_buffer(values)])
+
+
+def _repeat_string(value: str, n_rows: int) -> pa.Array:
+    """``n_rows`` copies of one string without a Python list of them."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected a str, got {type(value).__name__} {value!r}")
+    data = value.encode("utf-8")
+    if n_rows * len(data) > _MAX_INT32:
+        raise ValueError(f"{n_rows} copies of a {len(data)}-byte string exceed one string column")
+    offsets = np.arange(n_rows + 1, dtype=np.int32) * np.int32(len(data))
+    return pa.Array.from_buffers(pa.string(), n_rows, [None, pa.py_buffer(offsets), pa.py_buffer(data * n_rows)])
+
+
+def _fixed_lists(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    """A list<value_type> array with one equal-length list per row of a 2-D array."""
+    n_rows, width = values.shape
+    offsets = pa.array(np.arange(n_rows + 1, dtype=np.int32) * np.int32(width))
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=value_type)
+    return pa.ListArray.from_arrays(offsets, flat, type=pa.list_(value_type))
+
+
+def _string_column(values: Sequence[str | None], n_rows: int, name: str, *, nullable: bool) -> pa.Array:
+    values = list(values)
+    if len(values) != n_rows:
+        raise ValueError(f"{name} has {len(values)} entries for {n_rows} rows; give one per row")
+    array = pa.array(values, type=pa.string())
+    if not nullable and array.null_count:
+        raise ValueError(f"{name} contains None; every row needs a value")
+    return array
+
+
+def encode_batch(
+    schema: pa.Schema,
+    *,
+    request_ids: Sequence[str],
+    model_name: str,
+    model_version: str,
+    weights_fingerprint: str,
+    inputs: np.ndarray,
+    probs: np.ndarray,
+    exits: Sequence[str],
+    acts: Mapping[str, np.ndarray] | None = None,
+    labels: Sequence[str | None] | None = None,
+    time: datetime | None = None,
+) -> pa.RecordBatch:
+    """Encode one answered batch as recorded rows.
+
+    Args:
+        schema: from :func:`make_schema`.
+        request_ids: one id per row; the batch size ``B`` is its length.
+        model_name, model_version, weights_fingerprint: the same for every row.
+        inputs: ``(B, *shape)`` preprocessed inputs of any float dtype (a CPU torch tensor works too); stored
+            as float16 C-order bytes, with ``shape`` in ``input_shape``.
+        probs: ``(B, K)`` answered output distribution; stored as float32, ``prediction`` is its argmax.
+        exits: per row, the node name of the exit taken or ``"backbone"``.
+        acts: ``{node: (B, C) pooled activation}``; nodes of the schema missing here are recorded as null.
+        labels: per row ground truth or None; None for the whole batch when not given.
+        time: when the rows were written (timezone-aware); now in UTC by default.
+
+    Returns:
+        A record batch with ``schema``.
+
+    Raises:
+        ValueError, TypeError: a shape, length, dtype or node name does not fit.
+    """
+    request_ids = list(request_ids)
+    n_rows = len(request_ids)
+    inputs = np.asarray(inputs)
+    if not np.issubdtype(inputs.dtype, np.floating):
+        raise TypeError(f"inputs must be a float array, got dtype {inputs.dtype}")
+    if inputs.ndim < 1 or inputs.shape[0] != n_rows:
+        raise ValueError(f"inputs have shape {inputs.shape} for {n_rows} request ids; expected ({n_rows}, ...)")
+    probs = np.asarray(probs)
+    if probs.ndim != 2 or probs.shape[0] != n_rows or probs.shape[1] == 0:
+        raise ValueError(f"probs have shape {probs.shape}; expected ({n_rows}, K) with K >= 1")
+    if time is None:
+        time = datetime.now(UTC)
+    elif time.tzinfo is None:
+        raise ValueError(f"time {time!r} has no timezone; pass e.g. datetime.now(timezone.utc)")
+    acts = dict(acts or {})
+    nodes = act_nodes_of(schema)
+    unknown = sorted(set(acts) - set(nodes))
+    if unknown:
+        raise ValueError(
+            f"act nodes {unknown} are not columns of the schema (it has {nodes}); "
+            "Hint: pass them to make_schema()"
+        )
+
+    item_shape = inputs.shape[1:]
+    item_size = int(np.prod(item_shape, dtype=np.int64))
+    input_f16 = inputs.astype(np.float16, order="C", copy=False).reshape(n_rows, item_size)
+    shape_rows = np.broadcast_to(np.asarray(item_shape, dtype=np.int32), (n_rows, len(item_shape)))
+    probs_f32 = probs.astype(np.float32, copy=False)
+    time_us = (time - _EPOCH) // timedelta(microseconds=1)
+
+    columns: dict[str, pa.Array] = {
+        "request_id": _string_column(request_ids, n_rows, "request_ids", nullable=False),
+        "time": pa.array(np.full(n_rows, time_us, dtype=np.int64), type=pa.timestamp("us", tz="UTC")),
+        "model_name": _repeat_string(model_name, n_rows),
+        "model_version": _repeat_string(model_version, n_rows),
+        "weights_fingerprint": _repeat_string(weights_fingerprint, n_rows),
+        "input": _rows_to_binary(input_f16),
+        "input_shape": _fixed_lists(shape_rows, pa.int32()),
+        "probs": _fixed_lists(probs_f32, pa.float32()),
+        "prediction": pa.array(np.argmax(probs_f32, axis=1).astype(np.int32)),
+        "exit": _string_column(exits, n_rows, "exits", nullable=False),
+        "label": (
+            pa.nulls(n_rows, pa.string())
+            if labels is None
+            else _string_column(labels, n_rows, "labels", nullable=True)
+        ),
+    }
+    for node in nodes:
+        if node not in acts:
+            columns[ACT_PREFIX + node] = pa.nulls(n_rows, pa.binary())
+            continue
+        act = np.asarray(acts[node])
+        if act.ndim != 2 or act.shape[0] != n_rows:
+            raise ValueError(
+                f"activation of {node!r} has shape {act.shape}; expected ({n_rows}, C) pooled channels"
+            )
+        columns[ACT_PREFIX + node] = _rows_to_binary(act.astype(np.float16, order="C", copy=False))
+
+    missing = [name for name in schema.names if name not in columns]
+    if missing:
+        raise ValueError(f"schema has columns {missing} that encode_batch does not fill; build it with make_schema()")
+    return pa.RecordBatch.from_arrays([columns[name] for name in schema.names], schema=schema)
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+
+
+def _column(table: pa.Table, name: str) -> pa.ChunkedArray:
+    if name not in table.column_names:
+        nodes = act_nodes_of(table.schema)
+        hint = f" Recorded act nodes: {nodes}." if name.startswith(ACT_PREFIX) else ""
+        raise LogError(f"column {name!r} is not in the recorded table (columns: {table.column_names}).{hint}")
+    if table.num_rows == 0:
+        raise LogError(f"the recorded table has no rows to decode {name!r} from")
+    return table.column(name)
+
+
+def _binary_rows(column: pa.ChunkedArray, name: str, dtype: np.dtype) -> np.ndarray:
+    """Concatenate a binary column whose values all have one length into an ``(N, width)`` array."""
+    if column.null_count:
+        raise LogError(f"{column.null_count} of {len(column)} rows have no {name!r}")
+    parts = []
+    lengths = set()
+    for chunk in column.chunks:
+        if len(chunk) == 0:
+            continue
+        offset_dtype = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        _, offsets_buf, data_buf = chunk.buffers()
+        offsets = np.frombuffer(offsets_buf, dtype=offset_dtype)[chunk.offset : chunk.offset + len(chunk) + 1]
+        lengths.update(np.unique(np.diff(offsets)).tolist())
+        parts.append(np.frombuffer(data_buf, dtype=np.uint8)[offsets[0] : offsets[-1]])
+    if len(lengths) != 1:
+        found = sorted(length // np.dtype(dtype).itemsize for length in lengths)
+        raise LogError(f"rows of {name!r} have different sizes ({found} values); they cannot be stacked")
+    (length,) = lengths
+    data = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    return data.view(dtype).reshape(len(column), length // np.dtype(dtype).itemsize)
+
+
+def decode_inputs(table: pa.Table) -> np.ndarray:
+    """The recorded inputs as an ``(N, *shape)`` float32 array.
+
+    Raises:
+        LogError: no rows, a null input, or rows of different shapes (the message lists them).
+    """
+    column = _column(table, "input")
+    shapes_col = _column(table, "input_shape")
+    if shapes_col.null_count:
+        raise LogError(f"{shapes_col.null_count} rows have no input_shape")
+    ndims = np.unique(pc.list_value_length(shapes_col).to_numpy(zero_copy_only=False))
+    shapes: dict[tuple[int, ...], int] = {}
+    if len(ndims) == 1:
+        flat = pc.list_flatten(shapes_col).to_numpy(zero_copy_only=False).reshape(len(shapes_col), int(ndims[0]))
+        unique, counts = np.unique(flat, axis=0, return_counts=True)
+        shapes = {tuple(int(v) for v in row): int(c) for row, c in zip(unique, counts, strict=True)}
+    else:
+        for shape in shapes_col.to_pylist():
+            shapes[tuple(shape)] = shapes.get(tuple(shape), 0) + 1
+    if len(shapes) != 1:
+        listed = ", ".join(f"{list(shape)} x{count}" for shape, count in sorted(shapes.items()))
+        raise LogError(
+            f"recorded inputs have {len(shapes)} different shapes ({listed}); all rows must share one shape. "
+            "Hint: filter the table by input_shape (or model_version) before decoding"
+        )
+    (shape,) = shapes
+    rows = _binary_rows(column, "input", np.dtype(np.float16))
+    if rows.shape[1] != int(np.prod(shape, dtype=np.int64)):
+        raise LogError(f"recorded inputs hold {rows.shape[1]} values per row but input_shape is {list(shape)}")
+    return rows.astype(np.float32).reshape((len(column), *shape))
+
+
+def decode_acts(table: pa.Table, node: str) -> np.ndarray:
+    """The pooled activations of ``node`` as an ``(N, C)`` float32 array.
+
+    Raises:
+        LogError: the column is missing, or some rows are null (the message says how many).
+    """
+    name = ACT_PREFIX + node
+    column = _column(table, name)
+    if column.null_count:
+        raise LogError(
+            f"{column.null_count} of {len(column)} rows have no activation for {node!r} (recorded by a build "
+            f"that did not watch that node). Hint: filter with table.filter(pc.is_valid(table[{name!r}]))"
+        )
+    return _binary_rows(column, name, np.dtype(np.float16)).astype(np.float32)
+
+
+def decode_probs(table: pa.Table) -> np.ndarray:
+    """The recorded output distributions as an ``(N, K)`` float32 array.
+
+    Raises:
+        LogError: no rows, null rows, or rows with different K.
+    """
+    column = _column(table, "probs")
+    if column.null_count:
+        raise LogError(f"{column.null_count} of {len(column)} rows have no probs")
+    widths = np.unique(pc.list_value_length(column).to_numpy(zero_copy_only=False))
+    if len(widths) != 1:
+        raise LogError(f"recorded probs have different lengths {widths.tolist()}; rows of several models mixed?")
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+    return flat.astype(np.float32, copy=False).reshape(len(column), int(widths[0]))
+
+
+# ---------------------------------------------------------------------------------------------- files on disk
+
+
+def segment_dir(log_dir: Path) -> Path:
+    """Where recorder processes keep their Arrow IPC segments: ``log_dir / "_segments"``."""
+    return Path(log_dir) / SEGMENT_DIR_NAME
+
+
+def part_path(segment: Path) -> Path:
+    """The Parquet file a segment compacts into: ``LOGDIR/part-<segment stem>.parquet``."""
+    segment = Path(segment)
+    return segment.parent.parent / f"part-{segment.stem}.parquet"
+
+
+def read_segment(path: Path) -> pa.Table:
+    """Read every complete record batch of an Arrow IPC stream segment.
+
+    A torn tail (a writer killed mid-batch, or a live writer still writing) is skipped with a warning. A file
+    cut inside its schema message (or empty) reads as a table with no columns.
+
+    Raises:
+        LogError: the file is not an Arrow IPC stream at all.
+    """
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(len(_IPC_CONTINUATION))
+        handle.seek(0)
+        try:
+            reader = pa.ipc.open_stream(handle)
+        except (pa.ArrowInvalid, OSError) as exc:
+            if _IPC_CONTINUATION.startswith(head):
+                if head:
+                    logger.warning("segment %s ends inside its schema message; it holds no complete batch", path)
+                return pa.table({})
+            raise LogError(f"{path} is not an Arrow IPC stream ({exc}); move it out of the log dir") from exc
+        batches = []
+        while True:
+            try:
+                batches.append(reader.read_next_batch())
+            except StopIteration:
+                break
+            except (pa.ArrowInvalid, OSError) as exc:
+                logger.warning(
+                    "segment %s: skipped a torn tail after %d complete batches (%s)", path, len(batches), exc
+                )
+                break
+    return pa.Table.from_batches(batches, schema=reader.schema)
+
+
+def _write_parquet(table: pa.Table, target: Path) -> None:
+    """Write ``table`` to ``target`` atomically: a dot-prefixed temp file (ignored by readers), then rename."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    use_dictionary = [name for name in _DICTIONARY_COLUMNS if name in table.column_names]
+    pq.write_table(table, tmp, compression=PARQUET_COMPRESSION, use_dictionary=use_dictionary)
+    # fsync so a power cut cannot leave a renamed but empty part after its segment was deleted.
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, target)
+
+
+def compact_segment(segment: Path) -> Path | None:
+    """Convert one segment into ``part-<stem>.parquet`` if no live writer holds it, then delete it.
+
+    Returns:
+        The Parquet path written, or None (segment locked, already gone, or without complete batches).
+
+    Raises:
+        LogError: the segment is not an Arrow IPC stream (it is left in place).
+        OSError: the Parquet file cannot be written (the segment is left in place).
+    """
+    segment = Path(segment)
+    try:
+        fd = os.open(segment, os.O_RDONLY)
+    except FileNotFoundError:
+        return None  # compacted by someone else meanwhile
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return None  # a live writer (or another compactor) holds it
+            raise
+        # Another compactor may have converted and unlinked the file between our open() and flock(): then we hold
+        # a lock on a dead inode and converting it again would duplicate its rows.
+        try:
+            current = os.stat(segment)
+        except FileNotFoundError:
+            return None
+        if os.fstat(fd).st_ino != current.st_ino:
+            return None
+        if current.st_size == 0:
+            segment.unlink()
+            return None
+        table = read_segment(segment)
+        target = None
+        if table.num_rows:
+            target = part_path(segment)
+            _write_parquet(table, target)
+        segment.unlink()
+        return target
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def compact(log_dir: Path) -> list[Path]:
+    """Compact every segment of ``log_dir`` that no live writer holds into Parquet.
+
+    Each segment becomes ``LOGDIR/part-<stem>.parquet`` (torn tails skipped with a warning) and is deleted;
+    empty segments are just deleted. Safe to run from several processes at once: the segment lock picks one.
+    A segment that is not an Arrow IPC stream is logged and left in place.
+
+    Returns:
+        The Parquet paths written by this call.
+    """
+    written = []
+    for segment in sorted(segment_dir(log_dir).glob(SEGMENT_GLOB)):
+        try:
+            target = compact_segment(segment)
+        except (LogError, OSError, pa.ArrowException):
+            logger.exception("could not compact segment %s; it is left in place", segment)
+            continue
+        if target is not None:
+            written.append(target)
+    _remove_stale_segment_temps(segment_dir(log_dir))
+    return written
+
+
+def _remove_stale_segment_temps(directory: Path) -> None:
+    """Delete empty segment temp files of writers killed between creating and renaming them."""
+    cutoff = datetime.now(UTC).timestamp() - _STALE_TEMP_S
+    for tmp in directory.glob(".seg-*.arrows.tmp"):
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            if os.fstat(fd).st_mtime > cutoff:
+                continue  # a writer may be about to lock it
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            tmp.unlink()
+        except OSError:
+            continue  # locked (its writer is alive) or gone
+        finally:
+            os.close(fd)
+
+
+def _select(table: pa.Table, columns: Sequence[str] | None) -> pa.Table:
+    if columns is None:
+        return table
+    return table.select([name for name in columns if name in table.column_names])
+
+
+def read_logs(
+    log_dir: Path,
+    *,
+    columns: Sequence[str] | None = None,
+    include_live: bool = True,
+) -> pa.Table:
+    """Read every recorded row of a log dir.
+
+    Args:
+        log_dir: the recorder's log dir.
+        columns: the columns to read (all by default). An ``act:`` column missing from some files reads as null
+            there.
+        include_live: also read segments not compacted yet (complete batches only; no lock taken).
+
+    Returns:
+        One table; files with different act columns are unified by name, with nulls where a column is missing.
+
+    Raises:
+        LogError: the dir does not exist, holds no rows, or a requested column is in none of its files.
+    """
+    log_dir = Path(log_dir)
+    if not log_dir.is_dir():
+        raise LogError(f"log dir {log_dir} does not exist or is not a directory; pass the recorder's log_dir")
+    # Segments first, parts second: a segment compacted in between then shows up as its part (and the segment's
+    # copy is dropped below), never as neither.
+    live: dict[str, pa.Table] = {}
+    if include_live:
+        for segment in sorted(segment_dir(log_dir).glob(SEGMENT_GLOB)):
+            try:
+                table = read_segment(segment)
+            except FileNotFoundError:
+                continue
+            if table.num_rows:
+                live[part_path(segment).name] = _select(table, columns)
+    tables = []
+    for part in sorted(log_dir.glob(PART_GLOB)):
+        live.pop(part.name, None)
+        names = pq.read_schema(part).names
+        wanted = None if columns is None else [name for name in columns if name in names]
+        tables.append(pq.read_table(part, columns=wanted))
+    tables += [live[name] for name in sorted(live)]
+    tables = [table for table in tables if table.num_rows]
+    if not tables:
+        raise LogError(
+            f"no recorded rows in {log_dir} (looked for {PART_GLOB} and {SEGMENT_DIR_NAME}/{SEGMENT_GLOB}). "
+            "Hint: is this the log_dir the recording handler was configured with, and has it answered requests?"
+        )
+    table = pa.concat_tables(tables, promote_options="default")
+    if columns is not None:
+        absent = [name for name in columns if name not in table.column_names]
+        if absent:
+            raise LogError(f"columns {absent} are in no file of {log_dir}; recorded columns: {table.column_names}")
+        table = table.select(list(columns))
+    return table

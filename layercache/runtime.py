@@ -1,0 +1,238 @@
+"""Cache-enabled inference (the paper's Algorithm 1) and the recording forward pass.
+
+:class:`CachedModel` runs the backbone as a chain of segments. After a segment that has a cache head, rows whose
+calibrated confidence reaches the head's threshold are answered from the head and leave the batch; the rest of
+the batch goes on. Results come back in request order with the exit each row took.
+
+:class:`RecordingModel` runs the same segments without heads and returns the pooled activation of every cut, so
+the recording handler answers exactly like the original while logging what a later build needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layercache.config import CacheSpec
+from layercache.errors import ConfigError
+from layercache.graph import split
+from layercache.heads import HeadSpec, build_head
+
+logger = logging.getLogger(__name__)
+
+BACKBONE = "backbone"
+BACKBONE_EXIT = -1
+
+
+def pool_activation(t: torch.Tensor) -> torch.Tensor:
+    """Global average pool an activation to ``(B, C)``: NCHW over H, W; tokens ``(B, L, D)`` over L."""
+    if t.dim() == 4:
+        return t.mean(dim=(2, 3))
+    if t.dim() == 3:
+        return t.mean(dim=1)
+    if t.dim() == 2:
+        return t
+    return t.flatten(1)
+
+
+@dataclass(frozen=True)
+class CachedOutput:
+    """Output of :meth:`CachedModel.run` for one batch, in request order.
+
+    Attributes:
+        logits: ``(B, K)``; backbone logits for rows that went all the way, calibrated log-probabilities for rows
+            answered by a head (``softmax`` of either is the answered distribution).
+        exit_index: ``(B,)`` long; position of the exit in ``CachedModel.nodes``, or ``-1`` for the backbone.
+        batch_sizes: rows entering each segment (shows the shrinking), length ``len(nodes) + 1``.
+    """
+
+    logits: torch.Tensor
+    exit_index: torch.Tensor
+    batch_sizes: tuple[int, ...]
+
+
+class CachedModel(nn.Module):
+    """Backbone segments with cache heads after some of them.
+
+    Args:
+        segments: ``len(heads) + 1`` modules; segment ``i`` ends at ``nodes[i]``, the last one gives the output.
+        heads: one head per cut, returning logits.
+        nodes: fx node names of the cuts (depth order).
+        temperatures: temperature of each head (calibration).
+        thresholds: confidence threshold of each head; ``inf`` disables a head.
+        shrink: drop answered rows from the batch (Algorithm 1). Without shrinking, all rows go on through the
+            backbone and answered rows only take the head's answer (useful where shrinking does not pay).
+
+    Example:
+        >>> model = CachedModel.from_spec(backbone, spec, heads_state)
+        >>> out = model.run(batch)            # out.logits, out.exit_index
+    """
+
+    def __init__(
+        self,
+        segments: Sequence[nn.Module],
+        heads: Sequence[nn.Module],
+        nodes: Sequence[str],
+        temperatures: Sequence[float],
+        thresholds: Sequence[float],
+        *,
+        shrink: bool = True,
+    ) -> None:
+        super().__init__()
+        n = len(heads)
+        if not (len(segments) == n + 1 and len(nodes) == n and len(temperatures) == n and len(thresholds) == n):
+            raise ConfigError(
+                f"CachedModel needs len(segments) == len(heads) + 1 and one node/temperature/threshold per head; got "
+                f"{len(segments)} segments, {n} heads, {len(nodes)} nodes, {len(temperatures)} temperatures, "
+                f"{len(thresholds)} thresholds"
+            )
+        self.segments = nn.ModuleList(segments)
+        self.heads = nn.ModuleList(heads)
+        self.nodes = tuple(nodes)
+        self.temperatures = tuple(float(t) for t in temperatures)
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.shrink = shrink
+
+    @classmethod
+    def from_spec(
+        cls, backbone: nn.Module, spec: CacheSpec, heads_state: Mapping[str, torch.Tensor] | None = None
+    ) -> CachedModel:
+        """Split ``backbone`` at the spec's exits and attach the heads (weights from ``heads_state``).
+
+        ``heads_state`` keys are ``"<exit position>.<parameter name>"`` as written by :func:`heads_state_dict`.
+        """
+        backbone.eval()
+        segments = split(backbone, list(spec.nodes)) if spec.exits else [backbone]
+        heads = [build_head(HeadSpec.from_dict(e.head), e.in_shape, spec.num_classes) for e in spec.exits]
+        for i, head in enumerate(heads):
+            if heads_state is not None:
+                prefix = f"{i}."
+                own = {k[len(prefix) :]: v for k, v in heads_state.items() if k.startswith(prefix)}
+                missing = set(head.state_dict()) - set(own)
+                if missing:
+                    raise ConfigError(
+                        f"head {i} ({spec.exits[i].node}) has no weights for {sorted(missing)[:3]} in the heads file; "
+                        "Hint: rebuild the cache, the heads file does not match layercache_cache.json"
+                    )
+                head.load_state_dict(own)
+            head.eval()
+        model = cls(
+            segments,
+            heads,
+            spec.nodes,
+            [e.temperature for e in spec.exits],
+            [e.threshold for e in spec.exits],
+            shrink=spec.shrink,
+        )
+        return model.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits in request order (see :class:`CachedOutput`)."""
+        return self.run(x).logits
+
+    def run(self, x: torch.Tensor) -> CachedOutput:
+        """Algorithm 1: segments in order; after each head resolve the confident rows and shrink the batch."""
+        batch = x.shape[0]
+        device = x.device
+        exit_index = torch.full((batch,), BACKBONE_EXIT, dtype=torch.long, device=device)
+        remaining = torch.arange(batch, device=device)
+        out: torch.Tensor | None = None
+        sizes: list[int] = []
+        resolved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        h = x
+        for i, head in enumerate(self.heads):
+            sizes.append(int(h.shape[0]))
+            h = self.segments[i](h)
+            threshold = self.thresholds[i]
+            if threshold == float("inf"):
+                continue
+            logp = F.log_softmax(head(h) / self.temperatures[i], dim=1)
+            conf = logp.max(dim=1).values.exp()
+            hit = conf >= threshold
+            if self.shrink:
+                n_hit = int(hit.sum())
+                if n_hit == 0:
+                    continue
+                rows = remaining[hit]
+                exit_index[rows] = i
+                resolved.append((rows, logp[hit]))
+                if n_hit == h.shape[0]:
+                    remaining = remaining[:0]
+                    h = h[:0]
+                    break
+                keep = ~hit
+                h = h[keep]
+                remaining = remaining[keep]
+            else:
+                # No shrinking: every row goes on; a row keeps the answer of the first head it hit.
+                fresh = hit & (exit_index[remaining] == BACKBONE_EXIT)
+                exit_index[remaining[fresh]] = i
+                resolved.append((remaining[fresh], logp[fresh]))
+        if remaining.shape[0] > 0:
+            sizes.append(int(h.shape[0]))
+            for seg in self.segments[len(sizes) - 1 :]:
+                h = seg(h)
+            out = torch.empty((batch, h.shape[1]), dtype=h.dtype, device=device)
+            if self.shrink:
+                out[remaining] = h
+            else:
+                out.copy_(h)
+        sizes.extend([0] * (len(self.segments) - len(sizes)))
+        if out is None:
+            # Every row was answered by a head.
+            k = resolved[0][1].shape[1]
+            out = torch.empty((batch, k), dtype=resolved[0][1].dtype, device=device)
+        for rows, logp in resolved:
+            out[rows] = logp.to(out.dtype)
+        return CachedOutput(out, exit_index, tuple(sizes))
+
+
+class RecordingModel(nn.Module):
+    """The backbone as segments cut at ``nodes``; returns the output and each cut's pooled activation.
+
+    The segments reproduce the backbone exactly (fx split), so recording never changes an answer.
+    """
+
+    def __init__(self, backbone: nn.Module, nodes: Sequence[str]) -> None:
+        super().__init__()
+        backbone.eval()
+        self.nodes = tuple(nodes)
+        self.segments = nn.ModuleList(split(backbone, list(nodes)) if nodes else [backbone])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        acts: dict[str, torch.Tensor] = {}
+        h = x
+        for i, seg in enumerate(self.segments):
+            h = seg(h)
+            if i < len(self.nodes):
+                acts[self.nodes[i]] = pool_activation(h)
+        return h, acts
+
+
+def heads_state_dict(heads: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
+    """Flat state dict of the selected heads, keys ``"<position>.<name>"`` (what :meth:`CachedModel.from_spec` reads)."""
+    return {f"{i}.{k}": v.detach().cpu().clone() for i, head in enumerate(heads) for k, v in head.state_dict().items()}
+
+
+def exit_names(nodes: Sequence[str], exit_index: torch.Tensor) -> list[str]:
+    """Node name per row (``backbone`` for -1), for headers and logs."""
+    names = list(nodes) + [BACKBONE]
+    return [names[i] for i in exit_index.tolist()]
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over the state dict (sorted keys, raw bytes), 16 hex chars: ties logs and caches to weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        t = value.detach().to("cpu").contiguous().reshape(-1)
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,315 @@
+"""Tests for layercache.graph: tracing, cut points, candidates, splitting, FLOPs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.feature_extraction import get_graph_node_names
+
+from layercache.errors import GraphError
+from layercache.graph import (
+    Candidate,
+    check_batch_dim,
+    count_flops,
+    describe_nodes,
+    find_candidates,
+    list_layer_names,
+    segment_flops,
+    single_live_points,
+    split,
+    trace,
+)
+
+CIFAR_BLOCK_ENDS = [
+    "layer1.0.relu_1",
+    "layer1.1.relu_1",
+    "layer2.0.relu_1",
+    "layer2.1.relu_1",
+    "layer3.0.relu_1",
+    "layer3.1.relu_1",
+    "layer4.0.relu_1",
+]
+
+
+def cifar_resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # Tiny 32x32 models gain nothing from intra-op threads; on a busy 2-core box they spin and slow down.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def resnet() -> nn.Module:
+    return cifar_resnet18()
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 32, 32)
+
+
+def run_chain(segments: list[torch.fx.GraphModule], x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        for segment in segments:
+            x = segment(x)
+    return x
+
+
+def reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+# --- CIFAR ResNet-18 -----------------------------------------------------------------------------------
+
+
+def test_cifar_resnet18_candidates_are_block_ends(resnet: nn.Module) -> None:
+    cands = find_candidates(resnet, torch.randn(1, 3, 32, 32))
+    # The stem output ("maxpool", 0.3% of the FLOPs) is dropped by min_prefix_fraction, layer4.1.relu_1,
+    # avgpool and flatten by min_remaining_fraction.
+    assert [c.node for c in cands] == CIFAR_BLOCK_ENDS
+    assert cands[0] == Candidate("layer1.0.relu_1", (64, 32, 32), cands[0].flops_prefix, cands[0].flops_remaining)
+    assert cands[-1].shape == (512, 4, 4)
+    prefixes = [c.flops_prefix for c in cands]
+    assert prefixes == sorted(prefixes)
+    total = count_flops(resnet, torch.randn(1, 3, 32, 32))
+    assert all(c.flops_prefix + c.flops_remaining == total for c in cands)
+
+
+def test_cifar_resnet18_keeps_the_stem_without_prefix_rule(resnet: nn.Module, x: torch.Tensor) -> None:
+    cands = find_candidates(resnet, x, min_prefix_fraction=0.0)
+    assert [c.node for c in cands] == ["maxpool", *CIFAR_BLOCK_ENDS]
+
+
+def test_cifar_resnet18_total_flops(resnet: nn.Module, x: torch.Tensor) -> None:
+    # FlopCounterMode counts 2 x MACs of conv/matmul: 1110.9M per 32x32 sample.
+    assert count_flops(resnet, x) == pytest.approx(1.1109e9, rel=1e-3)
+    assert count_flops(resnet, x[:1]) == count_flops(resnet, x)
+
+
+def test_names_match_torchvision(resnet: nn.Module) -> None:
+    names = list_layer_names(resnet)
+    _, eval_names = get_graph_node_names(resnet)
+    assert set(names) <= set(eval_names)
+    # Points inside residual blocks (the shortcut is live) are not cut points.
+    assert "layer1.0.conv1" in eval_names and "layer1.0.conv1" not in names
+    assert names[:4] == ["conv1", "bn1", "relu", "maxpool"]
+    assert "fc" not in names and "x" not in names
+    assert single_live_points(trace(resnet)) == names
+
+
+@pytest.mark.parametrize(
+    "nodes",
+    [
+        CIFAR_BLOCK_ENDS,
+        ["layer2.1.relu_1"],
+        ["conv1", "maxpool", "layer1.0.add", "layer4.1.relu_1", "avgpool", "flatten"],
+        [],
+    ],
+)
+def test_split_reproduces_output_exactly(resnet: nn.Module, x: torch.Tensor, nodes: list[str]) -> None:
+    segments = split(resnet, nodes)
+    assert len(segments) == len(nodes) + 1
+    expected = reference(resnet, x)
+    assert torch.equal(run_chain(segments, x), expected)
+    assert [s.meta["layercache_output"] for s in segments] == [*nodes, "output"]
+    assert [s.meta["layercache_input"] for s in segments] == ["x", *nodes]
+
+
+def test_split_segments_share_parameters(resnet: nn.Module) -> None:
+    segments = split(resnet, ["layer2.1.relu_1"])
+    model_params = {p.data_ptr() for p in resnet.parameters()}
+    seg_params = [p for s in segments for p in s.parameters()]
+    assert {p.data_ptr() for p in seg_params} <= model_params
+    assert len(seg_params) == len(list(resnet.parameters()))
+    assert segments[0].get_submodule("conv1") is resnet.conv1
+    assert segments[1].get_submodule("fc") is resnet.fc
+
+
+def test_segment_flops_sum_to_model_flops(resnet: nn.Module, x: torch.Tensor) -> None:
+    segments = split(resnet, CIFAR_BLOCK_ENDS)
+    flops = segment_flops(segments, x)
+    assert len(flops) == len(segments)
+    assert sum(flops) == count_flops(resnet, x)
+    cands = describe_nodes(resnet, x, CIFAR_BLOCK_ENDS)
+    assert [c.flops_prefix for c in cands] == [sum(flops[: i + 1]) for i in range(len(cands))]
+
+
+def test_flop_helpers_restore_modes(resnet: nn.Module, x: torch.Tensor) -> None:
+    resnet.train()
+    resnet.layer1.eval()  # a mixed setting must survive too
+    find_candidates(resnet, x)
+    count_flops(resnet, x)
+    segment_flops(split(resnet, ["layer2.1.relu_1"]), x)
+    assert resnet.training and resnet.layer2.training and not resnet.layer1[0].bn1.training
+    resnet.eval()
+
+
+def test_max_candidates_spreads_by_flops(resnet: nn.Module, x: torch.Tensor) -> None:
+    cands = find_candidates(resnet, x, max_candidates=3)
+    assert [c.node for c in cands] == [
+        "layer1.0.relu_1",
+        "layer2.1.relu_1",
+        "layer4.0.relu_1",
+    ]
+    assert find_candidates(resnet, x, max_candidates=3) == cands
+
+
+def test_find_candidates_rejects_bad_arguments(resnet: nn.Module, x: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="max_candidates"):
+        find_candidates(resnet, x, max_candidates=0)
+    with pytest.raises(ValueError, match="min_remaining_fraction"):
+        find_candidates(resnet, x, min_remaining_fraction=1.5)
+
+
+# --- errors --------------------------------------------------------------------------------------------
+
+
+def test_describe_nodes_rejects_node_inside_residual_block(resnet: nn.Module, x: torch.Tensor) -> None:
+    with pytest.raises(GraphError, match=r"layer1\.0\.conv1.*list_layer_names"):
+        describe_nodes(resnet, x, ["layer1.0.conv1"])
+
+
+def test_describe_nodes_rejects_unknown_node(resnet: nn.Module, x: torch.Tensor) -> None:
+    with pytest.raises(GraphError, match=r"node 'layer9' is not present.*'conv1'"):
+        describe_nodes(resnet, x, ["layer9"])
+
+
+def test_describe_nodes_reports_shape_and_flops(resnet: nn.Module, x: torch.Tensor) -> None:
+    (cand,) = describe_nodes(resnet, x, ["layer2.1.relu_1"])
+    assert cand.node == "layer2.1.relu_1"
+    assert cand.shape == (128, 16, 16)
+    assert cand.flops_prefix + cand.flops_remaining == count_flops(resnet, x)
+
+
+def test_split_rejects_bad_order_and_repeats(resnet: nn.Module) -> None:
+    with pytest.raises(GraphError, match="depth order"):
+        split(resnet, ["layer2.1.relu_1", "layer1.0.relu_1"])
+    with pytest.raises(GraphError, match="twice"):
+        split(resnet, ["layer2.1.relu_1", "layer2.1.relu_1"])
+    with pytest.raises(GraphError, match=r"layer1\.0\.bn2"):
+        split(resnet, ["layer1.0.bn2"])
+
+
+class Gate(nn.Module):
+    """Control flow on tensor values: torch.fx cannot trace through it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return x * 2
+        return x
+
+
+class GatedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.gate = Gate()
+        self.body = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(self.gate(self.stem(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_untraceable_model_raises_with_leaf_hint(x: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = GatedNet()
+    with pytest.raises(GraphError, match=r"GatedNet.*'gate'.*leaf_modules=\[Gate\]"):
+        trace(model)
+    with pytest.raises(GraphError, match="leaf_modules"):
+        find_candidates(model, x)
+
+
+def test_leaf_modules_make_it_traceable(x: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = GatedNet()
+    names = list_layer_names(model, leaf_modules=[Gate])
+    assert "gate" in names
+    segments = split(model, ["gate"], leaf_modules=[Gate])
+    assert torch.equal(run_chain(segments, x), reference(model, x))
+    cands = find_candidates(model, x, leaf_modules=[Gate])
+    assert cands and all(c.node in names for c in cands)
+
+
+class SequenceFirst(nn.Module):
+    """Moves the batch out of dim 0 in the middle, as old-style transformers do (seq, batch, dim)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x).flatten(2).permute(2, 0, 1)  # (seq, batch, channels)
+        x = self.mix(x)
+        return self.head(x.mean(0))
+
+
+def test_check_batch_dim_names_the_bad_node(x: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = SequenceFirst()
+    names = list_layer_names(model)
+    assert "mix" in names
+    segments = split(model, ["mix"])
+    assert torch.equal(run_chain(segments, x), reference(model, x))
+    with pytest.raises(GraphError, match="'mix'.*dim 0 is not the batch"):
+        check_batch_dim(segments, x)
+    assert "mix" not in [c.node for c in find_candidates(model, x, min_prefix_fraction=0.0)]
+    with pytest.raises(GraphError, match="'mix'.*batch"):
+        describe_nodes(model, x, ["mix"])
+
+
+# --- torchvision architectures -------------------------------------------------------------------------
+
+ARCHS: dict[str, Callable[[], nn.Module]] = {
+    "resnet50": lambda: torchvision.models.resnet50(num_classes=10),
+    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(num_classes=10),
+    "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(num_classes=10),
+    "densenet121": lambda: torchvision.models.densenet121(num_classes=10),
+    "convnext_tiny": lambda: torchvision.models.convnext_tiny(num_classes=10),
+    "regnet_x_400mf": lambda: torchvision.models.regnet_x_400mf(num_classes=10),
+    "vit_tiny": lambda: torchvision.models.VisionTransformer(
+        image_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
+        num_classes=10,
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_torchvision_architectures_split_exactly(arch: str, x: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = ARCHS[arch]()
+    cands = find_candidates(model, x)
+    assert 1 <= len(cands) <= 12
+    nodes = [c.node for c in cands]
+    assert nodes == [n for n in list_layer_names(model) if n in nodes]  # depth order
+    assert all(0 < c.flops_prefix and c.flops_remaining > 0 for c in cands)
+    segments = split(model, nodes)
+    expected = reference(model, x)
+    got = run_chain(segments, x)
+    assert torch.equal(got, expected)  # bitwise: same ops, same order
+    check_batch_dim(segments, x)

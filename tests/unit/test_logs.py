@@ -1,0 +1,401 @@
+"""Row encoding/decoding, segment reading (torn tails), compaction and reading a log dir."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from layercache import logs
+from layercache.errors import LogError
+
+NODES = ["layer1.0.relu_1", "layer2.1.relu_1"]
+
+
+def _batch(
+    schema: pa.Schema,
+    prefix: str,
+    rows: int = 4,
+    *,
+    shape: tuple[int, ...] = (3, 4, 5),
+    seed: int = 0,
+    acts: dict[str, int] | None = None,
+) -> pa.RecordBatch:
+    rng = np.random.default_rng(seed)
+    channels = {NODES[0]: 8} if acts is None else acts
+    return logs.encode_batch(
+        schema,
+        request_ids=[f"{prefix}-{i}" for i in range(rows)],
+        model_name="resnet",
+        model_version="1.0",
+        weights_fingerprint="0123456789abcdef",
+        inputs=rng.normal(size=(rows, *shape)),
+        probs=rng.dirichlet(np.ones(10), size=rows).astype(np.float32),
+        exits=["backbone"] * rows,
+        acts={node: rng.random((rows, c)) for node, c in channels.items()},
+    )
+
+
+def _write_segment(log_dir: Path, name: str, batches: list[pa.RecordBatch], *, eos: bool = True) -> Path:
+    """A segment as a dead writer leaves it: not locked, with or without the end-of-stream marker."""
+    directory = logs.segment_dir(log_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"seg-{name}.arrows"
+    with open(path, "wb") as handle:
+        writer = pa.ipc.new_stream(handle, batches[0].schema)
+        for batch in batches:
+            writer.write_batch(batch)
+        if eos:
+            writer.close()
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- schema
+
+
+def test_make_schema_columns_and_metadata() -> None:
+    schema = logs.make_schema(NODES)
+    assert schema.names == [
+        "request_id",
+        "time",
+        "model_name",
+        "model_version",
+        "weights_fingerprint",
+        "input",
+        "input_shape",
+        "probs",
+        "prediction",
+        "exit",
+        "label",
+        "act:layer1.0.relu_1",
+        "act:layer2.1.relu_1",
+    ]
+    assert schema.metadata == {b"layercache.schema": b"1"}
+    assert schema.field("time").type == pa.timestamp("us", tz="UTC")
+    assert schema.field("input_shape").type == pa.list_(pa.int32())
+    assert schema.field("probs").type == pa.list_(pa.float32())
+    assert schema.field("act:layer2.1.relu_1").nullable
+    assert schema.field("label").nullable
+    assert logs.act_nodes_of(schema) == NODES
+
+
+def test_make_schema_rejects_repeated_nodes() -> None:
+    with pytest.raises(ValueError, match=r"more than once: \['a'\]"):
+        logs.make_schema(["a", "b", "a"])
+
+
+# -------------------------------------------------------------------------------------------------- encoding
+
+
+def test_encode_decode_round_trip() -> None:
+    schema = logs.make_schema(NODES)
+    rng = np.random.default_rng(1)
+    inputs = rng.normal(size=(5, 3, 4, 6)).astype(np.float32)
+    probs = rng.dirichlet(np.ones(7), size=5).astype(np.float32)
+    act = rng.random((5, 16)) * 3
+    when = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+    batch = logs.encode_batch(
+        schema,
+        request_ids=[f"r{i}" for i in range(5)],
+        model_name="resnet18",
+        model_version="2.0",
+        weights_fingerprint="deadbeefdeadbeef",
+        inputs=inputs,
+        probs=probs,
+        exits=["layer1.0.relu_1", "backbone", "backbone", "layer1.0.relu_1", "backbone"],
+        acts={NODES[0]: act},
+        labels=["cat", None, "dog", None, "cat"],
+        time=when,
+    )
+    assert batch.schema.equals(schema)
+    table = pa.Table.from_batches([batch])
+
+    decoded = logs.decode_inputs(table)
+    assert decoded.dtype == np.float32 and decoded.shape == (5, 3, 4, 6)
+    np.testing.assert_allclose(decoded, inputs, rtol=1e-3, atol=1e-4)  # float16 rounding
+    np.testing.assert_array_equal(decoded, inputs.astype(np.float16).astype(np.float32))
+    assert table["input_shape"].to_pylist() == [[3, 4, 6]] * 5
+    np.testing.assert_array_equal(logs.decode_probs(table), probs)
+    assert table["prediction"].to_pylist() == probs.argmax(axis=1).tolist()
+    assert table["prediction"].type == pa.int32()
+    np.testing.assert_allclose(logs.decode_acts(table, NODES[0]), act, rtol=1e-3)
+    assert table["act:layer2.1.relu_1"].null_count == 5
+    assert table["label"].to_pylist() == ["cat", None, "dog", None, "cat"]
+    assert table["request_id"].to_pylist() == ["r0", "r1", "r2", "r3", "r4"]
+    assert set(table["model_name"].to_pylist()) == {"resnet18"}
+    assert set(table["weights_fingerprint"].to_pylist()) == {"deadbeefdeadbeef"}
+    assert table["exit"].to_pylist()[0] == "layer1.0.relu_1"
+    assert table["time"].to_pylist() == [when] * 5
+    # Every input row is exactly its float16 C-order bytes.
+    assert table["input"][2].as_py() == inputs[2].astype(np.float16).tobytes(order="C")
+
+
+def test_encode_default_time_and_labels() -> None:
+    schema = logs.make_schema([])
+    before = datetime.now(UTC)
+    batch = _batch(schema, "x", acts={})
+    time = batch.column(batch.schema.get_field_index("time"))[0].as_py()
+    assert before <= time <= datetime.now(UTC)
+    assert batch.column(batch.schema.get_field_index("label")).null_count == 4
+
+
+def test_encode_accepts_any_float_dtype_and_non_contiguous_inputs() -> None:
+    schema = logs.make_schema([])
+    inputs = np.arange(2 * 3 * 4, dtype=np.float64).reshape(2, 4, 3).transpose(0, 2, 1)  # not C-contiguous
+    batch = logs.encode_batch(
+        schema,
+        request_ids=["a", "b"],
+        model_name="m",
+        model_version="1",
+        weights_fingerprint="f",
+        inputs=inputs,
+        probs=np.eye(2),
+        exits=["backbone", "backbone"],
+    )
+    np.testing.assert_array_equal(logs.decode_inputs(pa.Table.from_batches([batch])), inputs)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"inputs": np.zeros((3, 2))}, ValueError, r"inputs have shape \(3, 2\) for 4 request ids"),
+        ({"inputs": np.zeros((4, 2), dtype=np.int64)}, TypeError, "float array"),
+        ({"probs": np.zeros((4,))}, ValueError, r"probs have shape \(4,\)"),
+        ({"exits": ["backbone"]}, ValueError, "exits has 1 entries for 4 rows"),
+        ({"labels": ["a"] * 5}, ValueError, "labels has 5 entries"),
+        ({"acts": {"nope": np.zeros((4, 2))}}, ValueError, r"\['nope'\] are not columns.*Hint"),
+        ({"acts": {NODES[0]: np.zeros((4, 2, 1, 1))}}, ValueError, r"expected \(4, C\)"),
+        ({"time": datetime(2024, 1, 1)}, ValueError, "no timezone"),
+        ({"request_ids": ["a", None, "c", "d"]}, ValueError, "request_ids contains None"),
+    ],
+)
+def test_encode_rejects_bad_arguments(change: dict, error: type[Exception], match: str) -> None:
+    kwargs = {
+        "request_ids": ["a", "b", "c", "d"],
+        "model_name": "m",
+        "model_version": "1",
+        "weights_fingerprint": "f",
+        "inputs": np.zeros((4, 2)),
+        "probs": np.full((4, 3), 1 / 3),
+        "exits": ["backbone"] * 4,
+    }
+    kwargs.update(change)
+    with pytest.raises(error, match=match):
+        logs.encode_batch(logs.make_schema(NODES), **kwargs)
+
+
+def test_decode_inputs_names_every_shape_found() -> None:
+    schema = logs.make_schema(NODES)
+    table = pa.Table.from_batches([_batch(schema, "a", 3, shape=(3, 4, 4)), _batch(schema, "b", 2, shape=(3, 8, 8))])
+    with pytest.raises(LogError, match=r"2 different shapes \(\[3, 4, 4\] x3, \[3, 8, 8\] x2\)"):
+        logs.decode_inputs(table)
+    table = pa.Table.from_batches([_batch(schema, "a", 3, shape=(3, 4, 4)), _batch(schema, "b", 2, shape=(16,))])
+    with pytest.raises(LogError, match=r"\[3, 4, 4\] x3, \[16\] x2"):
+        logs.decode_inputs(table)
+
+
+def test_decode_acts_counts_null_rows_and_names_missing_nodes() -> None:
+    schema = logs.make_schema(NODES)
+    table = pa.Table.from_batches([_batch(schema, "a", 4), _batch(schema, "b", 3, acts={})])
+    with pytest.raises(LogError, match="3 of 7 rows have no activation for 'layer1.0.relu_1'"):
+        logs.decode_acts(table, NODES[0])
+    with pytest.raises(LogError, match=r"'act:layer9'.*Recorded act nodes: \['layer1.0.relu_1', 'layer2.1.relu_1'\]"):
+        logs.decode_acts(table, "layer9")
+
+
+def test_decode_works_on_sliced_multi_chunk_tables() -> None:
+    schema = logs.make_schema(NODES)
+    batches = [_batch(schema, str(i), 4, seed=i) for i in range(3)]
+    full = pa.Table.from_batches(batches)
+    part = full.slice(3, 6)  # crosses chunk boundaries and starts at an offset
+    assert part["input"].num_chunks == 3
+    np.testing.assert_array_equal(logs.decode_inputs(part), logs.decode_inputs(full)[3:9])
+    np.testing.assert_array_equal(logs.decode_probs(part), logs.decode_probs(full)[3:9])
+    np.testing.assert_array_equal(logs.decode_acts(part, NODES[0]), logs.decode_acts(full, NODES[0])[3:9])
+
+
+def test_decode_empty_table_raises() -> None:
+    empty = logs.make_schema(NODES).empty_table()
+    with pytest.raises(LogError, match="no rows"):
+        logs.decode_probs(empty)
+
+
+# ----------------------------------------------------------------------------------------------- segments
+
+
+def test_read_segment_skips_torn_tail_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    schema = logs.make_schema(NODES)
+    batches = [_batch(schema, str(i), 4, seed=i) for i in range(3)]
+    path = _write_segment(tmp_path, "torn", batches[:2], eos=False)
+    two_batches = path.stat().st_size
+    path = _write_segment(tmp_path, "torn", batches, eos=False)
+    full = path.stat().st_size
+    with open(path, "r+b") as handle:
+        handle.truncate((two_batches + full) // 2)  # in the middle of the last batch
+    with caplog.at_level(logging.WARNING, logger="layercache.logs"):
+        table = logs.read_segment(path)
+    assert table["request_id"].to_pylist() == [f"{i}-{j}" for i in range(2) for j in range(4)]
+    assert any("torn tail after 2 complete batches" in r.getMessage() for r in caplog.records)
+
+
+def test_read_segment_without_eos_reads_every_batch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    schema = logs.make_schema(NODES)
+    path = _write_segment(tmp_path, "noeos", [_batch(schema, str(i), 2) for i in range(3)], eos=False)
+    with caplog.at_level(logging.WARNING):
+        assert logs.read_segment(path).num_rows == 6
+    assert not caplog.records
+
+
+def test_read_segment_cut_inside_schema_or_empty(tmp_path: Path) -> None:
+    schema = logs.make_schema(NODES)
+    path = _write_segment(tmp_path, "cut", [_batch(schema, "a")])
+    data = path.read_bytes()
+    for size in (0, 3, 6, 40):
+        path.write_bytes(data[:size])
+        assert logs.read_segment(path).num_rows == 0
+
+
+def test_read_segment_rejects_non_ipc_file(tmp_path: Path) -> None:
+    path = tmp_path / "seg-x.arrows"
+    path.write_bytes(b"PAR1 definitely not an arrow stream")
+    with pytest.raises(LogError, match="not an Arrow IPC stream"):
+        logs.read_segment(path)
+
+
+# --------------------------------------------------------------------------------------------- compaction
+
+
+def test_compact_converts_orphans_and_readers_see_every_row(tmp_path: Path) -> None:
+    schema = logs.make_schema(NODES)
+    seg_a = _write_segment(tmp_path, "a", [_batch(schema, "a", 3)])
+    _write_segment(tmp_path, "b", [_batch(schema, "b0", 2), _batch(schema, "b1", 2)], eos=False)
+    empty = logs.segment_dir(tmp_path) / "seg-empty.arrows"
+    empty.write_bytes(b"")
+
+    written = logs.compact(tmp_path)
+
+    assert sorted(p.name for p in written) == ["part-seg-a.parquet", "part-seg-b.parquet"]
+    assert list(logs.segment_dir(tmp_path).iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_segments", "part-seg-a.parquet", "part-seg-b.parquet"]
+    assert pq.ParquetFile(written[0]).metadata.row_group(0).column(0).compression == "ZSTD"
+    assert pq.read_schema(tmp_path / "part-seg-a.parquet").metadata[b"layercache.schema"] == b"1"
+    expected = {"a-0", "a-1", "a-2", "b0-0", "b0-1", "b1-0", "b1-1"}
+    assert set(pd.read_parquet(tmp_path)["request_id"]) == expected
+    assert set(ds.dataset(tmp_path, format="parquet").to_table()["request_id"].to_pylist()) == expected
+    table = logs.read_logs(tmp_path)
+    assert table.num_rows == 7 and table.schema.equals(schema, check_metadata=False)
+    assert not seg_a.exists()
+    assert logs.compact(tmp_path) == []  # nothing left to do
+
+
+def test_readers_ignore_segments_and_temp_files(tmp_path: Path) -> None:
+    schema = logs.make_schema(NODES)
+    _write_segment(tmp_path, "done", [_batch(schema, "done")])
+    logs.compact(tmp_path)
+    _write_segment(tmp_path, "live", [_batch(schema, "live")])  # not compacted
+    (tmp_path / ".part-seg-x.parquet.tmp").write_bytes(b"half a parquet file")  # a compactor killed mid-write
+    assert len(pd.read_parquet(tmp_path)) == 4
+    assert ds.dataset(tmp_path, format="parquet").count_rows() == 4
+    assert logs.read_logs(tmp_path).num_rows == 8
+    assert logs.read_logs(tmp_path, include_live=False).num_rows == 4
+
+
+def test_compact_leaves_locked_segments_alone(tmp_path: Path) -> None:
+    schema = logs.make_schema(NODES)
+    path = _write_segment(tmp_path, "locked", [_batch(schema, "x")], eos=False)
+    fd = os.open(path, os.O_WRONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        size = path.stat().st_size
+        assert logs.compact(tmp_path) == []
+        assert path.stat().st_size == size
+        assert logs.read_logs(tmp_path)["request_id"].to_pylist() == [f"x-{i}" for i in range(4)]
+    finally:
+        os.close(fd)
+    assert [p.name for p in logs.compact(tmp_path)] == ["part-seg-locked.parquet"]
+
+
+def test_compact_leaves_a_non_ipc_segment_and_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    schema = logs.make_schema(NODES)
+    bad = logs.segment_dir(tmp_path) / "seg-bad.arrows"
+    _write_segment(tmp_path, "good", [_batch(schema, "g")])
+    bad.write_bytes(b"garbage garbage garbage")
+    with caplog.at_level(logging.ERROR, logger="layercache.logs"):
+        written = logs.compact(tmp_path)
+    assert [p.name for p in written] == ["part-seg-good.parquet"]
+    assert bad.exists()
+    assert any("seg-bad.arrows" in r.getMessage() for r in caplog.records)
+
+
+def test_concurrent_compactions_write_each_row_once(tmp_path: Path) -> None:
+    schema = logs.make_schema(NODES)
+    for i in range(24):
+        _write_segment(tmp_path, f"{i:02d}", [_batch(schema, f"s{i}", 3)], eos=i % 2 == 0)
+    results: list[list[Path]] = []
+    threads = [threading.Thread(target=lambda: results.append(logs.compact(tmp_path))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    written = [p for result in results for p in result]
+    assert len(written) == len(set(written)) == 24
+    ids = logs.read_logs(tmp_path)["request_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 72
+
+
+def test_segment_and_its_part_are_not_read_twice(tmp_path: Path) -> None:
+    # The window in which a compactor has renamed the part but not yet deleted the segment.
+    schema = logs.make_schema(NODES)
+    path = _write_segment(tmp_path, "both", [_batch(schema, "x")])
+    copy = tmp_path / "copy.arrows"
+    shutil.copy(path, copy)
+    logs.compact(tmp_path)
+    shutil.copy(copy, path)
+    copy.unlink()
+    assert logs.read_logs(tmp_path).num_rows == 4
+    logs.compact(tmp_path)  # rewrites the same part: still no duplicates
+    assert logs.read_logs(tmp_path).num_rows == 4
+
+
+# ----------------------------------------------------------------------------------------------- read_logs
+
+
+def test_read_logs_unifies_act_columns_across_builds(tmp_path: Path) -> None:
+    old = logs.make_schema(["layer1.0.relu_1"])
+    new = logs.make_schema(["layer1.0.relu_1", "layer3.1.relu_1"])
+    _write_segment(tmp_path, "old", [_batch(old, "old", 2, acts={"layer1.0.relu_1": 8})])
+    _write_segment(tmp_path, "new", [_batch(new, "new", 3, acts={"layer1.0.relu_1": 8, "layer3.1.relu_1": 4})])
+    logs.compact(tmp_path)
+    _write_segment(tmp_path, "live", [_batch(new, "live", 1, acts={"layer3.1.relu_1": 4})])
+
+    table = logs.read_logs(tmp_path)
+    assert table.num_rows == 6
+    assert table["act:layer3.1.relu_1"].null_count == 2  # the old build's rows
+    assert table["act:layer1.0.relu_1"].null_count == 1  # the live row did not record it
+    recorded = table.filter(pc.is_valid(table["act:layer3.1.relu_1"]))
+    assert logs.decode_acts(recorded, "layer3.1.relu_1").shape == (4, 4)
+
+    some = logs.read_logs(tmp_path, columns=["request_id", "act:layer3.1.relu_1"])
+    assert some.column_names == ["request_id", "act:layer3.1.relu_1"]
+    assert some.num_rows == 6
+    with pytest.raises(LogError, match=r"\['act:nope'\] are in no file"):
+        logs.read_logs(tmp_path, columns=["request_id", "act:nope"])
+
+
+def test_read_logs_errors_name_the_dir(tmp_path: Path) -> None:
+    with pytest.raises(LogError, match=f"no recorded rows in {tmp_path}.*Hint"):
+        logs.read_logs(tmp_path)
+    with pytest.raises(LogError, match="does not exist"):
+        logs.read_logs(tmp_path / "missing")
