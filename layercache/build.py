@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -54,20 +54,27 @@ class BuildConfig:
         nodes: explicit candidate layers (fx node names); ``None`` finds them automatically.
         replay_batch: batch size for replaying logged inputs through the backbone.
         latency_batch: batch size at which ``--cost latency`` times segments and heads.
+        margin_z: thresholds keep an upper confidence bound (``w + z*sqrt(w+1)`` wrong hits) within each head's
+            budget, so the drop measured on a finite validation split also holds on unseen traffic (0: Eq. 3 as is).
+        max_head_fraction: heads costing more than this fraction of the FLOPs after their layer are not tried.
+        max_head_flops: nor heads above this many FLOPs per sample (bounds training time on a CPU).
     """
 
     tolerance: float = 0.01
     splits: tuple[float, float, float] = (0.5, 0.2, 0.3)
     seed: int = 0
     max_spatial: int = 8
-    trials: int = 6
-    train: TrainConfig = field(default_factory=TrainConfig)
+    trials: int = 4
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, patience=3, num_threads=1))
     cost: str = "flops"
     min_remaining_fraction: float = 0.1
     max_candidates: int = 12
     nodes: tuple[str, ...] | None = None
     replay_batch: int = 256
     latency_batch: int = 32
+    margin_z: float = 1.28
+    max_head_fraction: float = 0.02
+    max_head_flops: int = 1_000_000
 
     def __post_init__(self) -> None:
         if not 0 < self.tolerance < 1:
@@ -190,6 +197,14 @@ def pick_trials(space: Sequence[HeadSpec], trials: int) -> list[HeadSpec]:
     return [space[i] for i in idx]
 
 
+def affordable_space(cand: Candidate, num_classes: int, config: BuildConfig) -> list[HeadSpec]:
+    """The search space at ``cand`` without heads too costly for the FLOPs they could save (or to train)."""
+    cap = min(config.max_head_fraction * cand.flops_remaining, config.max_head_flops)
+    space = search_space(cand.shape, num_classes, config.max_spatial)
+    kept = [s for s in space if head_flops(s, cand.shape, num_classes) <= cap]
+    return kept or space[:1]
+
+
 def _median_time(fn: Callable[[], Any], repeats: int = 5) -> float:
     fn()
     times = []
@@ -215,7 +230,10 @@ def measure_latency(
         seg_times.append(_median_time(lambda s=seg, i=h: s(i)) / batch)
         h = seg(h)
     rest = {node: float(sum(seg_times[i + 1 :])) for i, node in enumerate(nodes)}
-    head_t = {node: _median_time(lambda m=m, i=inputs[nodes.index(node) + 1]: m(i)) / batch for node, m in heads.items()}
+    head_t = {}
+    for node, m in heads.items():
+        act = inputs[list(nodes).index(node) + 1]
+        head_t[node] = _median_time(lambda m=m, a=act: m(a)) / batch
     return rest, head_t, float(sum(seg_times))
 
 
@@ -246,7 +264,7 @@ def search_candidate(
     """Search, train, calibrate and score heads at one candidate layer (sections 4.2-4.3)."""
     tr, va, _ = idx
     res = CandidateResult(candidate=cand)
-    space = search_space(cand.shape, num_classes, config.max_spatial)
+    space = affordable_space(cand, num_classes, config)
     x_tr, x_va = x[tr].float(), x[va].float()
     p_tr, p_va = targets[tr], targets[va]
     pred_va = backbone_pred[va].numpy()
@@ -261,7 +279,7 @@ def search_candidate(
         temp = fit_temperature(logits, torch.from_numpy(pred_va))
         conf, pred = confidences(logits, temp)
         correct = pred == pred_va
-        thr = budget_thresholds(conf, correct, config.tolerance, max_position=1)[0]
+        thr = budget_thresholds(conf, correct, config.tolerance, max_position=1, z=config.margin_z)[0]
         coverage = float((conf >= thr).mean()) if math.isfinite(thr) else 0.0
         flops = head_flops(spec, cand.shape, num_classes)
         # Expected FLOPs saved per row if this head were first in the cascade (accuracy vs cost, Eq. 4 per row).
@@ -271,7 +289,8 @@ def search_candidate(
             "head": spec.id(), "val_agreement": agreement, "coverage": coverage, "head_flops": flops,
             "score": score, "epochs": result.epochs_run, "seconds": round(time.perf_counter() - t0, 2),
         })
-        logger.debug("%s %s agreement %.3f coverage %.3f score %.3g", cand.node, spec.id(), agreement, coverage, score)
+        logger.info("%s %s: agreement %.3f, coverage %.3f, %.2f MFLOPs, %d epochs, %.1f s", cand.node, spec.id(),
+                    agreement, coverage, flops / 1e6, result.epochs_run, time.perf_counter() - t0)
         if agreement <= chance + 0.01:
             continue
         if score > best_score:
@@ -284,15 +303,39 @@ def search_candidate(
     return res
 
 
-def build_cache(
+@dataclass
+class SearchState:
+    """Everything the heads' search produced; :func:`finalize` turns it into a cache for one tolerance."""
+
+    config: BuildConfig
+    results: list[CandidateResult]
+    nodes: list[str]
+    backbone_pred: np.ndarray
+    labels: np.ndarray | None
+    idx: tuple[np.ndarray, np.ndarray, np.ndarray]
+    total_flops: float
+    num_classes: int
+    input_shape: tuple[int, ...]
+    fingerprint: str
+    fidelity: dict[str, Any]
+    latency: tuple[dict[str, float], dict[str, float]] | None
+    backbone_bytes: int
+    seconds: float
+
+    @property
+    def kept(self) -> list[CandidateResult]:
+        return [r for r in self.results if r.head is not None]
+
+
+def search(
     backbone: nn.Module,
     table: pa.Table,
     config: BuildConfig,
     *,
     index_to_name: dict[str, str] | None = None,
     progress: Progress = _no_progress,
-) -> BuildResult:
-    """Build a cache for ``backbone`` from logged traffic ``table`` (see :func:`layercache.logs.read_logs`).
+) -> SearchState:
+    """Candidates, replay, head search/training/calibration at every candidate (sections 4.1-4.3).
 
     Raises:
         LogError: too few rows, or inputs of several shapes.
@@ -318,61 +361,91 @@ def build_cache(
                           batch_size=config.replay_batch, progress=progress)
     targets = F.softmax(logits, dim=1)
     backbone_pred = logits.argmax(dim=1)
-    num_classes = int(logits.shape[1])
     fingerprint = weights_fingerprint(backbone)
-    fidelity = _replay_fidelity(table, backbone_pred.numpy(), fingerprint)
-    labels = labels_to_index(table.column("label").to_pylist(), index_to_name) if "label" in table.column_names else None
+    labels = None
+    if "label" in table.column_names:
+        labels = labels_to_index(table.column("label").to_pylist(), index_to_name)
     idx = split_indices(n, config.splits, config.seed)
-    tr, va, te = idx
-    total_flops = float(cands[0].flops_prefix + cands[0].flops_remaining) if cands else 0.0
-
+    _, va, te = idx
     results: list[CandidateResult] = []
     for cand in progress(cands, "heads"):
-        res = search_candidate(cand, acts[cand.node], targets, backbone_pred, idx, num_classes, config)
+        res = search_candidate(cand, acts[cand.node], targets, backbone_pred, idx, int(logits.shape[1]), config)
         if res.head is not None:
             for name, rows in (("val", va), ("test", te)):
                 res.scores[name] = confidences(predict_logits(res.head, acts[cand.node][rows].float()), res.temperature)
         results.append(res)
         del acts[cand.node]  # free as we go: peak memory is the replayed activations, not the training
     kept = [r for r in results if r.head is not None]
-
-    # Costs: FLOPs always (report), seconds when selecting by latency.
+    latency = None
     if config.cost == "latency" and kept:
         rest_t, head_t, _ = measure_latency(
             backbone, nodes, {r.candidate.node: r.head for r in kept}, example, config.latency_batch
         )
+        latency = (rest_t, head_t)
+    return SearchState(
+        config=config, results=results, nodes=nodes, backbone_pred=backbone_pred.numpy(), labels=labels, idx=idx,
+        total_flops=float(cands[0].flops_prefix + cands[0].flops_remaining) if cands else 0.0,
+        num_classes=int(logits.shape[1]), input_shape=tuple(inputs.shape[1:]), fingerprint=fingerprint,
+        fidelity=_replay_fidelity(table, backbone_pred.numpy(), fingerprint), latency=latency,
+        backbone_bytes=sum(t.numel() * t.element_size() for t in backbone.state_dict().values()),
+        seconds=time.perf_counter() - t_start,
+    )
+
+
+def finalize(state: SearchState, tolerance: float | None = None) -> BuildResult:
+    """Thresholds for ``tolerance`` (default: the config's), subset selection (4.4), spec and report."""
+    config = state.config if tolerance is None else replace(state.config, tolerance=tolerance)
+    _, va, te = state.idx
+    kept = state.kept
     for r in kept:
         assert r.head is not None and r.spec is not None
-        pred_va = backbone_pred[va].numpy()
-        pred_te = backbone_pred[te].numpy()
         conf_va, hp_va = r.scores["val"]
         conf_te, hp_te = r.scores["test"]
-        thresholds = budget_thresholds(conf_va, hp_va == pred_va, config.tolerance)
-        if config.cost == "latency":
-            c1, c2 = head_t[r.candidate.node], rest_t[r.candidate.node]
+        thresholds = budget_thresholds(conf_va, hp_va == state.backbone_pred[va], config.tolerance, z=config.margin_z)
+        if state.latency is not None:
+            c1, c2 = state.latency[1][r.candidate.node], state.latency[0][r.candidate.node]
         else:
             c1, c2 = float(r.head_flops), float(r.candidate.flops_remaining)
         r.val_eval = HeadEval(r.candidate.node, conf_va, hp_va, thresholds, c1, c2)
         r.test_eval = HeadEval(r.candidate.node, conf_te, hp_te, thresholds, c1, c2)
-        gt_te = None if labels is None else hp_te == labels[te]
-        r.test_curve = _curve(conf_te, hp_te == pred_te, gt_te)
-
+        gt_te = None if state.labels is None else hp_te == state.labels[te]
+        r.test_curve = _curve(conf_te, hp_te == state.backbone_pred[te], gt_te)
     selection = best_subset([r.val_eval for r in kept]) if kept else Selection((), 0.0, ())
     chosen = [kept[i] for i in selection.subset]
     exits = tuple(
         ExitSpec(node=r.candidate.node, head=r.spec.to_dict(), in_shape=r.candidate.shape,
                  temperature=r.temperature, threshold=float(t))
-        for r, t in zip(chosen, selection.thresholds)
+        for r, t in zip(chosen, selection.thresholds, strict=True)
     )
     spec = CacheSpec(
-        num_classes=num_classes, input_shape=tuple(inputs.shape[1:]), exits=exits, weights_fingerprint=fingerprint,
-        candidates=tuple(nodes), tolerance=config.tolerance,
+        num_classes=state.num_classes, input_shape=state.input_shape, exits=exits,
+        weights_fingerprint=state.fingerprint, candidates=tuple(state.nodes), tolerance=config.tolerance,
     )
-    report = _report(config, results, kept, selection, backbone_pred.numpy(), labels, idx, total_flops, fidelity,
-                     n, backbone)
-    report["build_seconds"] = round(time.perf_counter() - t_start, 1)
-    return BuildResult(spec=spec, heads=[r.head for r in chosen], candidates=results, selection=selection,
+    report = _report(config, state, kept, selection)
+    report["build_seconds"] = round(state.seconds, 1)
+    return BuildResult(spec=spec, heads=[r.head for r in chosen], candidates=state.results, selection=selection,
                        report=report)
+
+
+def build_cache(
+    backbone: nn.Module,
+    table: pa.Table,
+    config: BuildConfig,
+    *,
+    index_to_name: dict[str, str] | None = None,
+    progress: Progress = _no_progress,
+) -> BuildResult:
+    """Build a cache for ``backbone`` from logged traffic ``table`` (see :func:`layercache.logs.read_logs`).
+
+    Example:
+        >>> result = build_cache(backbone, read_logs(Path("logs/m")), BuildConfig(tolerance=0.01))
+        >>> result.spec.exits, result.report["mean_flops_cached"]
+
+    Raises:
+        LogError: too few rows, or inputs of several shapes.
+        GraphError: the backbone cannot be traced (see the hint in the message).
+    """
+    return finalize(search(backbone, table, config, index_to_name=index_to_name, progress=progress))
 
 
 def _replay_fidelity(table: pa.Table, replay_pred: np.ndarray, fingerprint: str) -> dict[str, Any]:
@@ -392,9 +465,10 @@ def _replay_fidelity(table: pa.Table, replay_pred: np.ndarray, fingerprint: str)
     return out
 
 
-def _report(config: BuildConfig, results: list[CandidateResult], kept: list[CandidateResult], selection: Selection,
-            backbone_pred: np.ndarray, labels: np.ndarray | None, idx: tuple[np.ndarray, np.ndarray, np.ndarray],
-            total_flops: float, fidelity: dict[str, Any], n: int, backbone: nn.Module) -> dict[str, Any]:
+def _report(config: BuildConfig, state: SearchState, kept: list[CandidateResult], selection: Selection
+            ) -> dict[str, Any]:
+    idx, labels, total_flops = state.idx, state.labels, state.total_flops
+    backbone_pred, results, n = state.backbone_pred, state.results, int(sum(len(i) for i in state.idx))
     _, _, te = idx
     test_heads = [r.test_eval for r in kept]
     flops_heads = [
@@ -404,7 +478,7 @@ def _report(config: BuildConfig, results: list[CandidateResult], kept: list[Cand
     lab_te = None if labels is None else labels[te]
     cascade = evaluate_cascade(flops_heads, selection, backbone_pred[te], lab_te, total_flops) if kept else None
     oracle = oracle_cost(flops_heads, backbone_pred[te], total_flops) if kept else total_flops
-    backbone_bytes = sum(t.numel() * t.element_size() for t in backbone.state_dict().values())
+    backbone_bytes = state.backbone_bytes
     head_bytes = sum(
         p.numel() * p.element_size() for r in (kept[i] for i in selection.subset) for p in r.head.state_dict().values()
     )
@@ -449,5 +523,5 @@ def _report(config: BuildConfig, results: list[CandidateResult], kept: list[Cand
         ],
         "model_bytes": {"backbone": backbone_bytes, "heads": head_bytes,
                         "growth": head_bytes / backbone_bytes if backbone_bytes else 0.0},
-        "replay": fidelity,
+        "replay": state.fidelity,
     }

@@ -111,15 +111,20 @@ def _budget_curve(conf: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np
     return sorted_conf[last], cum_wrong[last], conf.size
 
 
-def _threshold(levels: np.ndarray, wrong: np.ndarray, n: int, budget: float) -> float:
+def _threshold(levels: np.ndarray, wrong: np.ndarray, n: int, budget: float, z: float = 0.0) -> float:
     if budget < 0 or math.isnan(budget):
         raise ConfigError(f"accuracy-drop budget must be >= 0, got {budget}")
-    # wrong is non-decreasing as the threshold falls, so the feasible levels are a prefix.
-    feasible = int(np.searchsorted(wrong, budget * n + _COUNT_SLACK, side="right"))
+    if z < 0:
+        raise ConfigError(f"confidence margin z must be >= 0, got {z}")
+    # Upper confidence bound on the wrong-hit count (normal approximation to a Poisson count): the threshold is
+    # chosen on a finite validation split, and unseen traffic should still stay within the budget.
+    ucb = wrong + z * np.sqrt(wrong + 1.0) if z > 0 else wrong
+    # ucb is non-decreasing as the threshold falls, so the feasible levels are a prefix.
+    feasible = int(np.searchsorted(ucb, budget * n + _COUNT_SLACK, side="right"))
     return math.inf if feasible == 0 else float(levels[feasible - 1])
 
 
-def threshold_for_budget(conf: np.ndarray, correct: np.ndarray, budget: float) -> float:
+def threshold_for_budget(conf: np.ndarray, correct: np.ndarray, budget: float, z: float = 0.0) -> float:
     """Smallest threshold whose expected accuracy drop (Eq. 3) stays within ``budget``.
 
     At threshold ``t`` the rows with ``conf >= t`` are hits, and the drop bound is
@@ -130,6 +135,7 @@ def threshold_for_budget(conf: np.ndarray, correct: np.ndarray, budget: float) -
         conf: ``(N,)`` calibrated confidences.
         correct: ``(N,)`` whether the head agrees with the backbone.
         budget: Allowed drop as a fraction of ``N`` (e.g. 0.005 for half a point).
+        z: safety margin: the wrong-hit count ``w`` is replaced by ``w + z * sqrt(w + 1)`` (0 = Eq. 3 as is).
 
     Returns:
         The threshold, or ``math.inf`` if even the most confident group exceeds the budget.
@@ -138,10 +144,12 @@ def threshold_for_budget(conf: np.ndarray, correct: np.ndarray, budget: float) -
         ConfigError: on empty/mismatched inputs or a negative budget.
     """
     levels, wrong, n = _budget_curve(conf, correct)
-    return _threshold(levels, wrong, n, budget)
+    return _threshold(levels, wrong, n, budget, z)
 
 
-def budget_thresholds(conf: np.ndarray, correct: np.ndarray, tolerance: float, max_position: int = 12) -> np.ndarray:
+def budget_thresholds(
+    conf: np.ndarray, correct: np.ndarray, tolerance: float, max_position: int = 12, z: float = 0.0
+) -> np.ndarray:
     """Thresholds of one head for each cascade position (paper 4.3: budget ``T / 2**n``).
 
     Returns:
@@ -152,6 +160,6 @@ def budget_thresholds(conf: np.ndarray, correct: np.ndarray, tolerance: float, m
         raise ConfigError(f"max_position must be >= 1, got {max_position}")
     levels, wrong, n = _budget_curve(conf, correct)
     return np.array(
-        [_threshold(levels, wrong, n, tolerance / 2**pos) for pos in range(1, max_position + 1)],
+        [_threshold(levels, wrong, n, tolerance / 2**pos, z) for pos in range(1, max_position + 1)],
         dtype=np.float64,
     )

@@ -109,16 +109,25 @@ def plot_curves(report: dict[str, Any], out_dir: Path) -> list[Path]:
 def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write ``report.json``, ``report.md`` and the plots into ``out_dir`` (created)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    # Strict JSON for machines: NaN (no hits) and inf (a disabled head) become strings, never bare NaN/Infinity.
+    (out_dir / "report.json").write_text(json.dumps(_finite(report), indent=2, default=_json_default, allow_nan=False))
     (out_dir / "report.md").write_text(markdown(report))
     paths = [out_dir / "report.json", out_dir / "report.md", *plot_curves(report, out_dir)]
     logger.info("report written to %s", out_dir)
     return paths
 
 
+def _finite(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
 def _json_default(o: Any) -> Any:
     if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, float) and (math.isinf(o) or math.isnan(o)):
-        return str(o)
+        return _finite(o.tolist())
     return str(o)

@@ -119,7 +119,14 @@ class CachedModel(nn.Module):
                         f"head {i} ({spec.exits[i].node}) has no weights for {sorted(missing)[:3]} in the heads file; "
                         "Hint: rebuild the cache, the heads file does not match layercache_cache.json"
                     )
-                head.load_state_dict(own)
+                try:
+                    head.load_state_dict(own)
+                except RuntimeError as exc:  # same keys, other shapes: the heads of another build
+                    raise ConfigError(
+                        f"head {i} ({spec.exits[i].node}) does not match its weights in the heads file: "
+                        f"{str(exc).splitlines()[-1].strip()} Hint: rebuild the cache, the heads file does not match "
+                        "layercache_cache.json"
+                    ) from exc
             head.eval()
         model = cls(
             segments,

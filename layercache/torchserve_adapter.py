@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_HEADER = "X-Layercache-Exit"
 EXPLAIN_HEADER = "explain"
+DESCRIBE_HEADER = "describe"
 METRIC_EXITS = "LayercacheExits"
 METRIC_ROWS = "LayercacheBatchRows"
 METRIC_RECORD_FAILED = "LayercacheRecordFailed"
@@ -215,7 +216,8 @@ class LayercacheService:
         self.inner.context = context
         n = len(data)
         results: list[Any] = [None] * n
-        explain = [bool(_header(context, i, EXPLAIN_HEADER)) for i in range(n)]
+        # The frontend sends "explain: False" with every prediction and "True" for /explanations.
+        explain = [str(_header(context, i, EXPLAIN_HEADER) or "").lower() == "true" for i in range(n)]
         batch = self._preprocess(data, context)
         for idx, (code, msg) in batch.errors.items():
             results[idx] = msg
@@ -429,6 +431,10 @@ class ServiceHandler:
         self.initialized = True
 
     def handle(self, data: list[Any], context: Any) -> list[Any]:
+        # GET /models/<name>/<version>?customized=true reaches the worker as a batch of its own with the header
+        # "describe: True"; the stock BaseHandler.handle routes it to describe_handle, so must we.
+        if str(_header(context, 0, DESCRIBE_HEADER) or "").lower() == "true":
+            return [self.describe_handle()]
         return self.service.handle(data, context)
 
     def describe_handle(self) -> str:

@@ -206,12 +206,13 @@ def _fit(
     epochs_run = 0
     for epoch in range(config.epochs):
         head.train()
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator).to(x_train.device)
+        # One gather per epoch, then contiguous slices: cheaper than a fancy-index gather per step.
+        xs, ps = x_train[order], p_train[order]
         for i, start in enumerate(starts):
             stop = starts[i + 1] if i + 1 < len(starts) else n
-            idx = order[start:stop].to(x_train.device)
-            logits = head(x_train[idx])
-            loss = F.kl_div(F.log_softmax(logits, 1), p_train[idx], reduction="batchmean")
+            logits = head(xs[start:stop])
+            loss = F.kl_div(F.log_softmax(logits, 1), ps[start:stop], reduction="batchmean")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

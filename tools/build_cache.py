@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="comma-separated candidate fx node names (default: automatic)")
     p.add_argument("--list-layers", action="store_true", help="print the candidate and all cuttable layers, then exit")
     p.add_argument("--trials", type=int, default=6, help="head architectures tried per layer (default: 6)")
-    p.add_argument("--epochs", type=int, default=30, help="max training epochs per head, early stopped (default: 30)")
+    p.add_argument("--epochs", type=int, default=20, help="max training epochs per head, early stopped (default: 20)")
+    p.add_argument("--train-threads", type=int, default=1,
+                   help="torch threads while training heads: small heads train fastest on one (default: 1)")
     p.add_argument("--max-rows", type=int, default=None, help="use at most this many logged rows (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed for split, init and shuffling (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device for the build (default: cpu)")
@@ -117,7 +119,7 @@ def _run(args: argparse.Namespace, t0: float) -> int:
             index_to_name = json.loads(mapping.read_text())
         config = BuildConfig(
             tolerance=args.tolerance, seed=args.seed, trials=args.trials, cost=args.cost,
-            train=TrainConfig(epochs=args.epochs, seed=args.seed),
+            train=TrainConfig(epochs=args.epochs, patience=3, seed=args.seed, num_threads=args.train_threads),
             nodes=tuple(args.layers.split(",")) if args.layers else None,
         )
         torch.manual_seed(args.seed)

@@ -1,0 +1,204 @@
+"""Tests for layercache.build: splits, labels, trial picking, and a whole build on synthetic learnable traffic.
+
+The backbone is a small conv net with hand-set weights: its first four channels pass the four input channels
+through every conv, and its classifier reads their means (class = brightest input channel). The traffic makes one
+channel brighter by a random amount, so the backbone's answer is a linear function of the pooled activation at
+every cut: a pooled-linear head can learn it from a few hundred rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layercache.build import BuildConfig, BuildResult, build_cache, labels_to_index, pick_trials, split_indices
+from layercache.errors import ConfigError, LogError
+from layercache.graph import count_flops
+from layercache.heads import search_space
+from layercache.logs import decode_inputs, encode_batch, make_schema
+from layercache.runtime import CachedModel, heads_state_dict, weights_fingerprint
+from layercache.training import TrainConfig
+
+ROWS = 600
+CLASSES = 4
+CONFIG = BuildConfig(tolerance=0.1, trials=1, train=TrainConfig(epochs=60, seed=0), seed=0)
+
+
+def make_backbone() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(CLASSES, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, CLASSES),
+    )
+    with torch.no_grad():
+        for conv in (model[0], model[2], model[4]):
+            for c in range(CLASSES):
+                conv.weight[c].zero_()
+                conv.weight[c, c, 1, 1] = 1.0
+                conv.bias[c] = 0.0
+        model[8].weight.zero_()
+        model[8].weight[:, :CLASSES] = torch.eye(CLASSES)
+        model[8].bias.zero_()
+    return model.eval()
+
+
+def make_table(n: int = ROWS, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
+    """Logged traffic as the recording handler writes it: inputs, the backbone's probs, labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, n)
+    x = rng.uniform(0, 4, (n, CLASSES, 8, 8)).astype(np.float32)
+    x[np.arange(n), labels] += rng.uniform(0, 4, n)[:, None, None]
+    backbone = make_backbone()
+    with torch.no_grad():
+        probs = F.softmax(backbone(torch.from_numpy(x).half().float()), dim=1).numpy()
+    batch = encode_batch(
+        make_schema([]),
+        request_ids=[f"r{i}" for i in range(n)],
+        model_name="synthetic",
+        model_version="1.0",
+        weights_fingerprint=weights_fingerprint(backbone),
+        inputs=x,
+        probs=probs,
+        exits=["backbone"] * n,
+        labels=[str(v) for v in labels],
+    )
+    return pa.Table.from_batches([batch]), labels
+
+
+@pytest.fixture(scope="module")
+def traffic() -> tuple[pa.Table, np.ndarray]:
+    return make_table()
+
+
+@pytest.fixture(scope="module")
+def built(traffic: tuple[pa.Table, np.ndarray]) -> BuildResult:
+    torch.set_num_threads(1)
+    return build_cache(make_backbone(), traffic[0], CONFIG)
+
+
+def test_split_indices_are_deterministic_and_disjoint() -> None:
+    tr, va, te = split_indices(100, (0.5, 0.2, 0.3), seed=3)
+    assert (len(tr), len(va), len(te)) == (50, 20, 30)
+    assert sorted(np.concatenate([tr, va, te]).tolist()) == list(range(100))
+    assert all(np.array_equal(np.sort(s), s) for s in (tr, va, te))
+    again = split_indices(100, (0.5, 0.2, 0.3), seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(again, (tr, va, te), strict=True))
+    other = split_indices(100, (0.5, 0.2, 0.3), seed=4)
+    assert not np.array_equal(other[0], tr)
+    assert sum(len(s) for s in split_indices(7, (0.5, 0.2, 0.3), seed=0)) == 7
+
+
+def test_labels_to_index() -> None:
+    names = {"0": "T-shirt/top", "1": "Trouser", "2": "Pullover"}
+    assert labels_to_index(["2", "0", "11"], None).tolist() == [2, 0, 11]
+    assert labels_to_index(["Trouser", "T-shirt/top", "2"], names).tolist() == [1, 0, 2]
+    assert labels_to_index(["Trouser", "Sandal"], names) is None
+    assert labels_to_index(["1", None], names) is None
+    assert labels_to_index([], names) is None
+    assert labels_to_index(["-1"], None) is None  # not a digit string, not a name
+
+
+def test_pick_trials_spreads_over_the_space_cheapest_first() -> None:
+    space = search_space((8, 8, 8), CLASSES)
+    assert len(space) > 10
+    assert pick_trials(space, 1) == [space[0]]
+    assert pick_trials(space, 2) == [space[0], space[-1]]
+    mid = round((len(space) - 1) / 2)
+    assert pick_trials(space, 3) == [space[0], space[mid], space[-1]]
+    assert pick_trials(space, len(space) + 5) == space
+    picked = pick_trials(space, 6)
+    assert len(picked) == 6 and picked[0] == space[0]
+    assert [space.index(s) for s in picked] == sorted(space.index(s) for s in picked)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"tolerance": 0.0}, r"tolerance=0.0 must be in \(0, 1\)"),
+        ({"tolerance": 1.5}, r"tolerance=1.5 must be in \(0, 1\)"),
+        ({"splits": (0.5, 0.5)}, "must be three positive fractions summing to 1"),
+        ({"splits": (0.6, 0.3, 0.3)}, "must be three positive fractions summing to 1"),
+        ({"cost": "energy"}, r"cost='energy' must be one of \('flops', 'latency'\)"),
+        ({"trials": 0}, "trials=0 must be >= 1"),
+    ],
+)
+def test_build_config_validation(change: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        BuildConfig(**change)
+
+
+def test_build_cache_makes_a_working_cache(built: BuildResult, traffic: tuple[pa.Table, np.ndarray]) -> None:
+    spec, report = built.spec, built.report
+    backbone = make_backbone()
+    assert spec.candidates == ("1", "3")  # the ReLUs of the first two convs (the last one leaves too little)
+    assert spec.exits, "a pooled-linear head reproduces this backbone: the build must keep at least one exit"
+    depth = [spec.candidates.index(n) for n in spec.nodes]
+    assert depth == sorted(depth) and len(set(depth)) == len(depth)
+    assert all(math.isfinite(e.threshold) and 0 < e.threshold <= 1 for e in spec.exits)
+    assert all(e.temperature > 0 and e.in_shape == (8, 8, 8) for e in spec.exits)
+    assert (spec.num_classes, spec.input_shape, spec.tolerance) == (CLASSES, (CLASSES, 8, 8), 0.1)
+    assert spec.weights_fingerprint == weights_fingerprint(backbone)
+    assert len(built.heads) == len(spec.exits)
+
+    # The fixed interface of report.json.
+    assert report["tolerance"] == 0.1
+    assert report["rows"] == {"total": ROWS, "train": 300, "val": 120, "test": 180}
+    assert report["mean_flops_original"] == count_flops(backbone, torch.zeros(1, CLASSES, 8, 8))
+    assert 0 < report["mean_flops_cached"] <= report["mean_flops_original"]
+    assert [e["node"] for e in report["exits"]] == list(spec.nodes)
+    for e, exit_spec in zip(report["exits"], spec.exits, strict=True):
+        assert {"node", "threshold", "hit_rate", "cache_accuracy"} <= set(e)
+        assert e["threshold"] == exit_spec.threshold
+        assert 0 < e["hit_rate"] <= 1 and 0 <= e["cache_accuracy"] <= 1
+    assert [c["node"] for c in report["candidates"]] == ["1", "3"]
+    assert [c["selected"] for c in report["candidates"]] == [c["node"] in spec.nodes for c in report["candidates"]]
+    # The agreement lost stays within the tolerance; labels give GT accuracies.
+    assert report["agreement"] >= 1 - 0.1
+    te = split_indices(ROWS, CONFIG.splits, CONFIG.seed)[2]
+    labels = traffic[1]
+    with torch.no_grad():
+        pred = make_backbone()(torch.from_numpy(decode_inputs(traffic[0])).float()).argmax(1).numpy()
+    assert report["gt_accuracy_original"] == pytest.approx(float((pred[te] == labels[te]).mean()))
+    assert report["replay"]["prediction_agreement"] == 1.0
+
+
+def test_the_built_cache_serves_what_the_report_says(built: BuildResult, traffic: tuple[pa.Table, np.ndarray]) -> None:
+    model = CachedModel.from_spec(make_backbone(), built.spec, heads_state_dict(built.heads))
+    te = split_indices(ROWS, CONFIG.splits, CONFIG.seed)[2]
+    x = torch.from_numpy(decode_inputs(traffic[0])[te]).float()
+    with torch.no_grad():
+        out = model.run(x)
+        backbone_pred = make_backbone()(x).argmax(1)
+    hits = [(out.exit_index == i).float().mean().item() for i in range(len(built.spec.exits))]
+    # The report scores heads on float16 replayed activations; allow a row or two to sit on the threshold.
+    for hit, e in zip(hits, built.report["exits"], strict=True):
+        assert hit == pytest.approx(e["hit_rate"], abs=2.5 / len(te))
+    agreement = (out.logits.argmax(1) == backbone_pred).float().mean().item()
+    assert agreement == pytest.approx(built.report["agreement"], abs=2.5 / len(te))
+
+
+def test_same_seed_same_cache(built: BuildResult, traffic: tuple[pa.Table, np.ndarray]) -> None:
+    again = build_cache(make_backbone(), traffic[0], CONFIG)
+    assert again.spec.to_json() == built.spec.to_json()
+    first, second = heads_state_dict(built.heads), heads_state_dict(again.heads)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert again.report["exits"] == built.report["exits"]
+
+
+def test_too_few_rows(traffic: tuple[pa.Table, np.ndarray]) -> None:
+    with pytest.raises(LogError, match="only 49 logged requests; a build needs at least 50"):
+        build_cache(make_backbone(), traffic[0].slice(0, 49), CONFIG)

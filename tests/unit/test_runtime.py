@@ -1,0 +1,284 @@
+"""Tests for layercache.runtime: Algorithm 1 with hand-set heads, batch shrinking, specs, recording model.
+
+The backbone is a small conv net whose first two channels pass the two input channels through unchanged
+(hand-set 3x3 kernels with a single 1 in the centre), so the pooled activation of channel ``c`` at either cut
+is the mean of ``relu(input channel c)``. Head 0 answers from channel 0, head 1 from channel 1, with known
+logits, so which row exits where is known exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layercache.config import CacheSpec, ExitSpec
+from layercache.errors import ConfigError
+from layercache.graph import split
+from layercache.heads import HeadSpec, build_head
+from layercache.runtime import (
+    BACKBONE,
+    CachedModel,
+    RecordingModel,
+    exit_names,
+    heads_state_dict,
+    pool_activation,
+    weights_fingerprint,
+)
+
+NODES = ("1", "3")  # fx names of the two ReLUs of the nn.Sequential below
+IN_SHAPE = (4, 6, 6)  # activation shape at both cuts
+HEAD = HeadSpec(pool=1)  # AdaptiveAvgPool2d(1) twice -> Flatten -> Linear(4, 3) (module "3")
+TEMPERATURES = (2.0, 1.0)
+# Rows: (channel 0 value, channel 1 value) of a constant 6x6 input.
+ROWS = [(-1.0, -1.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.05, 0.05)]
+
+
+def _passthrough(conv: nn.Conv2d, channels: int) -> None:
+    with torch.no_grad():
+        for c in range(channels):
+            conv.weight[c].zero_()
+            conv.weight[c, c, 1, 1] = 1.0
+            conv.bias[c] = 0.0
+
+
+def make_backbone() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+    _passthrough(model[0], 2)
+    _passthrough(model[2], 2)
+    return model.eval()
+
+
+def make_heads() -> list[nn.Module]:
+    """Head 0: logits ``[20 f0, 0, 0]``; head 1: ``[0, 20 f1, 0]`` (``f`` = pooled activation)."""
+    heads = []
+    for feature in range(2):
+        head = build_head(HEAD, IN_SHAPE, 3)
+        linear = head[-1]
+        with torch.no_grad():
+            linear.weight.zero_()
+            linear.bias.zero_()
+            linear.weight[feature, feature] = 20.0
+        heads.append(head.eval())
+    return heads
+
+
+def make_inputs() -> torch.Tensor:
+    x = torch.empty(len(ROWS), 2, 6, 6)
+    for i, (a, b) in enumerate(ROWS):
+        x[i, 0] = a
+        x[i, 1] = b
+    return x
+
+
+def cached(thresholds: tuple[float, float] = (0.9, 0.9), *, shrink: bool = True) -> CachedModel:
+    backbone = make_backbone()
+    return CachedModel(split(backbone, list(NODES)), make_heads(), NODES, TEMPERATURES, thresholds, shrink=shrink)
+
+
+def head_logp(logits: list[float], temperature: float) -> torch.Tensor:
+    return F.log_softmax(torch.tensor([logits]) / temperature, dim=1)[0]
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    return make_inputs()
+
+
+@pytest.fixture(scope="module")
+def reference(x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return make_backbone()(x)
+
+
+def test_passthrough_backbone_is_what_the_heads_assume(x: torch.Tensor) -> None:
+    first = split(make_backbone(), list(NODES))[0]
+    with torch.no_grad():
+        pooled = pool_activation(first(x))
+    assert pooled[:, 0].tolist() == pytest.approx([0.0, 1.0, 0.0, 1.0, 0.05])
+    assert pooled[:, 1].tolist() == pytest.approx([0.0, 0.0, 1.0, 1.0, 0.05])
+
+
+def test_disabled_heads_give_the_backbone_exactly(x: torch.Tensor, reference: torch.Tensor) -> None:
+    out = cached((math.inf, math.inf)).run(x)
+    assert torch.equal(out.logits, reference)
+    assert out.exit_index.tolist() == [-1] * len(ROWS)
+    assert out.batch_sizes == (5, 5, 5)
+
+
+def test_confident_rows_exit_at_the_right_head_in_request_order(x: torch.Tensor, reference: torch.Tensor) -> None:
+    model = cached()
+    with torch.no_grad():
+        out = model.run(x)
+    assert out.exit_index.tolist() == [-1, 0, 1, 0, -1]
+    # 5 rows enter, rows 1 and 3 leave at head 0, row 2 at head 1: the batch shrinks 5 -> 3 -> 2.
+    assert out.batch_sizes == (5, 3, 2)
+    assert out.logits.shape == (5, 3)
+    # Answered rows get the calibrated log-probabilities of their head (head 0 at temperature 2).
+    assert torch.equal(out.logits[1], head_logp([20.0, 0.0, 0.0], 2.0))
+    assert torch.equal(out.logits[3], head_logp([20.0, 0.0, 0.0], 2.0))
+    assert torch.equal(out.logits[2], head_logp([0.0, 20.0, 0.0], 1.0))
+    # Rows no head answered get the backbone's logits, computed on the shrunk batch.
+    for row in (0, 4):
+        assert torch.allclose(out.logits[row], reference[row], rtol=0, atol=1e-6)
+        assert out.logits[row].argmax() == reference[row].argmax()
+    assert out.logits[1].argmax() == 0 and out.logits[2].argmax() == 1
+    assert torch.equal(model(x), out.logits)  # forward() is run().logits
+    assert exit_names(model.nodes, out.exit_index) == [BACKBONE, "1", "3", "1", BACKBONE]
+
+
+def test_thresholds_decide_who_exits(x: torch.Tensor) -> None:
+    # Row 4's head-0 confidence is softmax([0.5, 0, 0])[0] at temperature 2.
+    conf = math.exp(0.5) / (math.exp(0.5) + 2)
+    out = cached((conf - 1e-4, math.inf)).run(x)
+    assert out.exit_index.tolist() == [-1, 0, -1, 0, 0]
+    out = cached((conf + 1e-4, math.inf)).run(x)
+    assert out.exit_index.tolist() == [-1, 0, -1, 0, -1]
+
+
+def test_a_disabled_first_head_lets_the_second_answer(x: torch.Tensor, reference: torch.Tensor) -> None:
+    out = cached((math.inf, 0.9)).run(x)
+    assert out.exit_index.tolist() == [-1, -1, 1, 1, -1]
+    assert out.batch_sizes == (5, 5, 3)
+    for row in (0, 1, 4):
+        assert torch.allclose(out.logits[row], reference[row], rtol=0, atol=1e-6)
+    assert torch.equal(out.logits[3], head_logp([0.0, 20.0, 0.0], 1.0))
+
+
+@pytest.mark.parametrize("thresholds", [(0.9, 0.9), (math.inf, 0.9), (0.0, 0.9), (math.inf, math.inf)])
+def test_no_shrinking_gives_the_same_answers(x: torch.Tensor, thresholds: tuple[float, float]) -> None:
+    shrunk = cached(thresholds, shrink=True).run(x)
+    full = cached(thresholds, shrink=False).run(x)
+    assert torch.equal(full.exit_index, shrunk.exit_index)
+    assert torch.allclose(full.logits, shrunk.logits, rtol=0, atol=1e-6)
+    assert torch.equal(full.logits.argmax(1), shrunk.logits.argmax(1))
+    assert full.batch_sizes == (5, 5, 5)  # every row runs the whole backbone
+
+
+def test_every_row_exits_at_the_first_head(x: torch.Tensor) -> None:
+    out = cached((0.0, 0.9)).run(x)  # any confidence reaches 0
+    assert out.exit_index.tolist() == [0] * 5
+    assert out.batch_sizes == (5, 0, 0)
+    expected = F.log_softmax(make_heads()[0](split(make_backbone(), list(NODES))[0](x)) / 2.0, dim=1)
+    assert torch.allclose(out.logits, expected, rtol=0, atol=1e-6)
+    assert out.logits[2].tolist() == pytest.approx([-math.log(3)] * 3)  # f0 = 0: uniform
+
+
+def test_batch_of_one_and_empty_shrink(x: torch.Tensor, reference: torch.Tensor) -> None:
+    model = cached()
+    one = model.run(x[2:3])
+    assert one.exit_index.tolist() == [1] and one.batch_sizes == (1, 1, 0)
+    miss = model.run(x[:1])
+    assert miss.exit_index.tolist() == [-1] and miss.batch_sizes == (1, 1, 1)
+    assert torch.allclose(miss.logits, reference[:1], rtol=0, atol=1e-6)
+
+
+def test_constructor_checks_lengths() -> None:
+    backbone = make_backbone()
+    with pytest.raises(ConfigError, match=r"got 3 segments, 2 heads, 1 nodes"):
+        CachedModel(split(backbone, list(NODES)), make_heads(), NODES[:1], TEMPERATURES, (0.9, 0.9))
+    with pytest.raises(ConfigError, match=r"needs len\(segments\) == len\(heads\) \+ 1"):
+        CachedModel([backbone], make_heads(), NODES, TEMPERATURES, (0.9, 0.9))
+
+
+def _spec(thresholds: tuple[float, float] = (0.9, 0.9), *, shrink: bool = True) -> CacheSpec:
+    return CacheSpec(
+        num_classes=3,
+        input_shape=(2, 6, 6),
+        shrink=shrink,
+        exits=tuple(
+            ExitSpec(node=n, head=HEAD.to_dict(), in_shape=IN_SHAPE, temperature=t, threshold=thr)
+            for n, t, thr in zip(NODES, TEMPERATURES, thresholds)
+        ),
+    )
+
+
+def test_from_spec_and_heads_file_round_trip(tmp_path: Path, x: torch.Tensor) -> None:
+    path = tmp_path / "heads.pt"
+    torch.save(heads_state_dict(make_heads()), path)
+    state = torch.load(path, weights_only=True)
+    assert sorted(state) == ["0.3.bias", "0.3.weight", "1.3.bias", "1.3.weight"]
+    spec = CacheSpec.from_json(_spec().to_json())
+    model = CachedModel.from_spec(make_backbone(), spec, state)
+    assert not model.training
+    assert model.nodes == NODES and model.temperatures == TEMPERATURES and model.thresholds == (0.9, 0.9)
+    out, expected = model.run(x), cached().run(x)
+    assert torch.equal(out.exit_index, expected.exit_index)
+    assert torch.equal(out.logits, expected.logits)
+    assert out.batch_sizes == expected.batch_sizes
+    assert CachedModel.from_spec(make_backbone(), _spec(shrink=False), state).run(x).batch_sizes == (5, 5, 5)
+
+
+def test_from_spec_without_exits_is_the_backbone(x: torch.Tensor, reference: torch.Tensor) -> None:
+    model = CachedModel.from_spec(make_backbone(), CacheSpec(num_classes=3, input_shape=(2, 6, 6), exits=()), {})
+    out = model.run(x)
+    assert torch.equal(out.logits, reference)
+    assert out.exit_index.tolist() == [-1] * 5 and out.batch_sizes == (5,)
+
+
+def test_heads_file_that_does_not_match_the_spec() -> None:
+    state = heads_state_dict(make_heads())
+    only_first = {k: v for k, v in state.items() if k.startswith("0.")}
+    with pytest.raises(ConfigError, match=r"head 1 \(3\) has no weights for \['3.bias', '3.weight'\].*Hint: rebuild"):
+        CachedModel.from_spec(make_backbone(), _spec(), only_first)
+    # Same keys, other shapes: the heads of another build (a hidden layer of 8 at the first exit).
+    other = heads_state_dict([build_head(HeadSpec(pool=1, hidden=(8,)), IN_SHAPE, 3), make_heads()[1]])
+    with pytest.raises(ConfigError, match=r"head 0 \(1\).*does not match.*Hint: rebuild"):
+        CachedModel.from_spec(make_backbone(), _spec(), other)
+
+
+def test_recording_model_answers_like_the_backbone(x: torch.Tensor, reference: torch.Tensor) -> None:
+    model = RecordingModel(make_backbone(), NODES)
+    with torch.no_grad():
+        out, acts = model(x)
+    assert torch.equal(out, reference)
+    assert list(acts) == list(NODES)
+    assert all(a.shape == (5, 4) for a in acts.values())
+    # Channels 0 and 1 pass the input through: their pooled values are the input constants (clipped at 0).
+    assert torch.allclose(acts["3"][:, :2], torch.tensor([[0.0, 0.0], [1, 0], [0, 1], [1, 1], [0.05, 0.05]]))
+    out, acts = RecordingModel(make_backbone(), ())(x)
+    assert torch.equal(out, reference) and acts == {}
+
+
+def test_pool_activation_shapes() -> None:
+    t = torch.arange(24.0).reshape(1, 2, 3, 4)
+    assert pool_activation(t).tolist() == [[5.5, 17.5]]
+    tokens = torch.arange(12.0).reshape(2, 3, 2)
+    assert pool_activation(tokens).tolist() == [[2.0, 3.0], [8.0, 9.0]]
+    vec = torch.randn(2, 5)
+    assert pool_activation(vec) is vec
+    assert pool_activation(torch.zeros(2, 1, 1, 1, 3)).shape == (2, 3)
+
+
+def test_weights_fingerprint_tracks_every_weight() -> None:
+    model = make_backbone()
+    fp = weights_fingerprint(model)
+    assert len(fp) == 16 and int(fp, 16) >= 0
+    assert weights_fingerprint(copy.deepcopy(model)) == fp
+    assert weights_fingerprint(make_backbone()) == fp
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        w = changed[2].weight
+        w[3, 3, 2, 2] = torch.nextafter(w[3, 3, 2, 2], torch.tensor(math.inf))
+    assert weights_fingerprint(changed) != fp
+    # Same values under a different dtype are other weights too.
+    assert weights_fingerprint(copy.deepcopy(model).double()) != fp
+
+
+def test_exit_names() -> None:
+    assert exit_names(["a.1", "b"], torch.tensor([-1, 0, 1, 0])) == ["backbone", "a.1", "b", "a.1"]
+    assert exit_names([], torch.tensor([-1])) == ["backbone"]

@@ -1,0 +1,291 @@
+"""The real command-line tools run in-process: make_default_model -> wrap_mar -> record -> build_cache -> serve.
+
+``tools/`` and ``archiver/`` are folders of scripts, not packages: each is loaded from its path the way
+``layercache.entry`` does, and its ``main(argv)`` is called.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import runpy
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from layercache.archive import CACHED_HANDLER, RECORDING_HANDLER, read_mar
+from layercache.config import CACHE_SPEC_FILE, CacheSpec
+from layercache.datasets import load_fashion_mnist, write_image_folder
+from layercache.logs import act_nodes_of, read_logs
+from layercache.torchserve_adapter import EXIT_HEADER, open_mar, run_offline
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOLS = [
+    "archiver/wrap_mar.py",
+    "tools/record.py",
+    "tools/build_cache.py",
+    "tools/make_default_model.py",
+    "tools/swap_version.py",
+]
+IMAGES = 200
+
+
+def tool(rel: str) -> Callable[[list[str]], int]:
+    return runpy.run_path(str(ROOT / rel), run_name="layercache_tool")["main"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """Every artefact of one run of the tools on 200 Fashion-MNIST PNGs (ImageFolder layout)."""
+    tmp = tmp_path_factory.mktemp("tools")
+    path, root = list(sys.path), logging.getLogger()
+    handlers, level, threads = list(root.handlers), root.level, torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        images, labels = load_fashion_mnist("test")
+        write_image_folder(images[:IMAGES], labels[:IMAGES], tmp / "images")
+        p = {
+            "images": tmp / "images",
+            "mar": tmp / "fashion.mar",
+            "rec": tmp / "fashion_rec.mar",
+            "logs": tmp / "logs",
+            "cached": tmp / "fashion_cached.mar",
+            "report": tmp / "report",
+        }
+        assert tool("tools/make_default_model.py")(["-o", str(p["mar"]), "--quiet"]) == 0
+        assert tool("archiver/wrap_mar.py")([str(p["mar"]), "-o", str(p["rec"]), "--quiet"]) == 0
+        assert (
+            tool("tools/record.py")(
+                [
+                    "--mar",
+                    str(p["rec"]),
+                    "--images",
+                    str(p["images"]),
+                    "--log-dir",
+                    str(p["logs"]),
+                    "--batch-size",
+                    "50",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
+        assert (
+            tool("tools/build_cache.py")(
+                [
+                    "--mar",
+                    str(p["rec"]),
+                    "--logs",
+                    str(p["logs"]),
+                    "-o",
+                    str(p["cached"]),
+                    "--report",
+                    str(p["report"]),
+                    "--trials",
+                    "1",
+                    "--epochs",
+                    "30",
+                    "--tolerance",
+                    "0.2",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
+        yield p
+    finally:
+        sys.path[:] = path
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("rel", TOOLS)
+def test_help_ends_with_examples(rel: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        tool(rel)(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "python " in out.split("examples:")[1]
+
+
+def test_archives_made_by_the_tools(pipeline: dict[str, Path]) -> None:
+    plain, rec, cached = (read_mar(pipeline[k]) for k in ("mar", "rec", "cached"))
+    assert (plain.model_name, plain.handler, plain.mode) == ("fashion", "fashion_handler.py", None)
+    assert plain.yaml_config["batchSize"] == 8
+    assert (rec.model_name, rec.handler, rec.mode, rec.inner_handler) == (
+        "fashion",
+        RECORDING_HANDLER,
+        "record",
+        "fashion_handler.py",
+    )
+    assert rec.yaml_config["batchSize"] == 8
+    assert (cached.handler, cached.mode, cached.inner_handler, cached.version) == (
+        CACHED_HANDLER,
+        "cached",
+        "fashion_handler.py",
+        "1.0-cached",
+    )
+    assert {"fashion_handler.py", "index_to_name.json", CACHE_SPEC_FILE} <= set(cached.names)
+    assert RECORDING_HANDLER not in cached.names
+
+
+def test_record_logs_every_image_with_its_folder_label(pipeline: dict[str, Path]) -> None:
+    table = read_logs(pipeline["logs"])
+    assert table.num_rows == IMAGES
+    labels = load_fashion_mnist("test")[1][:IMAGES]
+    # record.py reads the files in sorted order: <label>/<index>.png.
+    expected = sorted((str(int(lbl)), f"{i:05d}") for i, lbl in enumerate(labels))
+    assert table.column("label").to_pylist() == [lbl for lbl, _ in expected]
+    assert set(table.column("exit").to_pylist()) == {"backbone"}
+    assert act_nodes_of(table.schema)  # pooled activations of the automatically found candidates
+    assert table.column("input_shape").to_pylist()[0] == [1, 28, 28]
+
+
+def test_build_report_and_spec(pipeline: dict[str, Path]) -> None:
+    report = json.loads((pipeline["report"] / "report.json").read_text())
+    assert report["rows"]["total"] == IMAGES and report["tolerance"] == 0.2
+    assert report["output"] == str(pipeline["cached"]) and report["version"] == "1.0-cached"
+    assert report["mean_flops_cached"] <= report["mean_flops_original"]
+    assert report["gt_accuracy_original"] is not None  # the folder labels reach the report
+    assert (pipeline["report"] / "report.md").is_file()
+    assert [c["node"] for c in report["candidates"]][:2] == ["layer1.0.relu_1", "layer1.1.relu_1"]
+    assert len(list(pipeline["report"].glob("head_*.png"))) == sum(bool(c["curve"]) for c in report["candidates"])
+
+
+def test_cached_archive_answers_every_image_with_an_exit_header(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    served = open_mar(
+        pipeline["cached"], tmp_path / "cached", as_served=True, handler_overrides={"log_dir": str(tmp_path / "logs")}
+    )
+    spec = CacheSpec.load(tmp_path / "cached" / CACHE_SPEC_FILE)
+    original = open_mar(pipeline["mar"], tmp_path / "original")
+    files = sorted(p for p in pipeline["images"].rglob("*.png"))
+    exits = []
+    for start in range(0, len(files), 50):
+        rows = [{"data": f.read_bytes()} for f in files[start : start + 50]]
+        answers, codes = run_offline(served.handler, served.context, rows)
+        assert codes == [200] * len(rows)
+        headers = [served.context.get_response_headers(i)[EXIT_HEADER] for i in range(len(rows))]
+        exits += headers
+        h = original.handler
+        expected = h.postprocess(h.inference(h.preprocess(rows)))
+        for answer, want, exit_ in zip(answers, expected, headers, strict=True):
+            assert len(answer) == 3  # FashionHandler's top 3 class names
+            assert set(answer) <= set(
+                json.loads((ROOT / "examples/fashion_cnn/index_to_name.json").read_text()).values()
+            )
+            if exit_ == "backbone":
+                assert list(answer) == list(want)
+                assert np.allclose(list(answer.values()), list(want.values()), atol=1e-5)
+    assert len(exits) == IMAGES
+    assert set(exits) <= {"backbone", *spec.nodes}
+    if spec.exits:
+        assert set(exits) - {"backbone"}, "the cache has exits, some of the 200 images should take one"
+
+
+def test_build_cache_refuses_to_overwrite(pipeline: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        tool("tools/build_cache.py")(
+            ["--mar", str(pipeline["rec"]), "--logs", str(pipeline["logs"]), "-o", str(pipeline["cached"])]
+        )
+    assert info.value.code == 2
+    assert "fashion_cached.mar exists; pass --force to overwrite it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("make", "match"), [("empty", "no recorded rows in"), ("missing", "does not exist")])
+def test_build_cache_without_logs(
+    pipeline: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], make: str, match: str
+) -> None:
+    logs = tmp_path / "logs"
+    if make == "empty":
+        logs.mkdir()
+    rc = tool("tools/build_cache.py")(
+        ["--mar", str(pipeline["rec"]), "--logs", str(logs), "-o", str(tmp_path / "out.mar"), "--quiet"]
+    )
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "ERROR" in err and match in err and str(logs) in err
+    assert not (tmp_path / "out.mar").exists()
+
+
+def test_build_cache_list_layers(pipeline: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        tool("tools/build_cache.py")(
+            ["--mar", str(pipeline["mar"]), "--logs", str(pipeline["logs"]), "--list-layers", "--quiet"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "candidate layers (fx node names):" in out
+    assert "  layer1.0.relu_1  shape=[16, 28, 28]" in out
+    assert "all layers with a single live value:" in out
+
+
+def test_user_mistakes_are_parser_errors(
+    pipeline: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cases = [
+        ("archiver/wrap_mar.py", [str(pipeline["mar"]), "-o", str(pipeline["rec"])], "exists; pass --force"),
+        (
+            "archiver/wrap_mar.py",
+            [str(pipeline["mar"]), "-o", str(tmp_path / "x.mar"), "--input-shape", "3x32"],
+            "must be comma-separated ints",
+        ),
+        (
+            "tools/record.py",
+            ["--mar", str(pipeline["rec"]), "--images", str(tmp_path / "none"), "--log-dir", str(tmp_path / "l")],
+            "is not a folder",
+        ),
+        (
+            "tools/build_cache.py",
+            ["--mar", str(pipeline["rec"]), "--logs", str(pipeline["logs"])],
+            "-o/--output is required",
+        ),
+        (
+            "tools/build_cache.py",
+            [
+                "--mar",
+                str(pipeline["rec"]),
+                "--logs",
+                str(pipeline["logs"]),
+                "-o",
+                str(tmp_path / "y.mar"),
+                "--tolerance",
+                "1.5",
+            ],
+            "must be in \\(0, 1\\)",
+        ),
+        ("tools/make_default_model.py", ["-o", str(pipeline["mar"])], "exists; pass --force"),
+    ]
+    for rel, argv, match in cases:
+        with pytest.raises(SystemExit) as info:
+            tool(rel)(argv)
+        assert info.value.code == 2, rel
+        err = capsys.readouterr().err
+        assert re.search(match, err), (rel, err)
+
+
+def test_record_refuses_an_archive_that_does_not_record(
+    pipeline: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = tool("tools/record.py")(
+        [
+            "--mar",
+            str(pipeline["mar"]),
+            "--images",
+            str(pipeline["images"]),
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--limit",
+            "2",
+            "--quiet",
+        ]
+    )
+    assert rc == 1
+    assert "is not a recording archive. Hint: wrap it first with archiver/wrap_mar.py" in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()

@@ -1,0 +1,235 @@
+"""Tests for layercache.torchserve_adapter: the layercache handlers driven through a real ts.context.Context.
+
+Archives are built from the tiny classifier of conftest.py, whose custom handler turns a grayscale image into a
+``(1, H, W)`` tensor without resizing, so an image of another size is a wrong-shape input.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from captum.attr import IntegratedGradients
+
+from layercache.archive import package_cached, wrap_for_recording
+from layercache.config import CacheSpec, ExitSpec, HandlerConfig
+from layercache.errors import ArchiveError
+from layercache.graph import split
+from layercache.heads import HeadSpec, build_head
+from layercache.logs import act_nodes_of, decode_inputs, decode_probs, read_logs
+from layercache.runtime import heads_state_dict, weights_fingerprint
+from layercache.torchserve_adapter import (
+    EXIT_HEADER,
+    LoadedMar,
+    ServiceHandler,
+    load_inner_handler,
+    open_mar,
+    run_offline,
+    set_requests,
+)
+
+MarFactory = Callable[..., Path]
+PngFactory = Callable[..., bytes]
+SHAPE = (1, 28, 28)
+EXIT_NODE = "block1.1"  # a candidate layer of the tiny classifier
+
+
+@pytest.fixture
+def mar(tiny_mar: MarFactory) -> Path:
+    return tiny_mar("tiny")
+
+
+@pytest.fixture
+def rec_mar(mar: Path, tmp_path: Path) -> Path:
+    cfg = HandlerConfig(input_shape=SHAPE, log_dir=str(tmp_path / "logs"))
+    return wrap_for_recording(mar, tmp_path / "tiny_rec.mar", handler_config=cfg)
+
+
+@pytest.fixture
+def original(mar: Path, tmp_path: Path) -> LoadedMar:
+    return open_mar(mar, tmp_path / "original")
+
+
+def original_answers(loaded: LoadedMar, rows: list[dict]) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """The original handler's answers, preprocessed inputs and logits for ``rows`` (one batch)."""
+    h = loaded.handler
+    x = h.preprocess(rows)
+    logits = h.inference(x)
+    return h.postprocess(logits), x, logits
+
+
+def test_open_mar_loads_the_original_or_the_served_handler(mar: Path, rec_mar: Path, tmp_path: Path) -> None:
+    plain = open_mar(mar, tmp_path / "a")
+    assert type(plain.handler).__name__ == "TinyHandler"
+    served = open_mar(rec_mar, tmp_path / "b", as_served=True)
+    assert isinstance(served.handler, ServiceHandler) and served.handler.initialized
+    assert type(served.handler).__name__ == "LayercacheRecordingHandler"
+    assert served.handler.service.config.mode == "record"
+    # The build's view of a recording archive: its original handler and backbone.
+    build_view = open_mar(rec_mar, tmp_path / "c")
+    assert type(build_view.handler).__name__ == "TinyHandler"
+    assert weights_fingerprint(build_view.backbone) == weights_fingerprint(plain.backbone)
+    assert weights_fingerprint(served.backbone) == weights_fingerprint(plain.backbone)
+    info = json.loads(served.handler.describe_handle())
+    assert info["mode"] == "record" and info["candidates"] == ["stem.1", "block1.1"]
+
+
+def test_bad_rows_get_400_and_the_others_are_answered_and_recorded(
+    rec_mar: Path, original: LoadedMar, tmp_path: Path, make_png: PngFactory
+) -> None:
+    loaded = open_mar(rec_mar, tmp_path / "served", as_served=True)
+    rows = [
+        {"data": b"this is not an image"},
+        {"data": make_png(seed=1), "label": "3"},
+        {"data": make_png((20, 20), seed=2), "label": "5"},
+        {"data": make_png(seed=3), "label": b"7"},
+    ]
+    answers, codes = run_offline(loaded.handler, loaded.context, rows)
+    ctx = loaded.context
+    assert codes == [400, 200, 400, 200]
+    assert answers[0].startswith("layercache: request 0 could not be preprocessed: UnidentifiedImageError")
+    assert answers[2] == "layercache: request 2 has input shape [1, 20, 20], the model expects [1, 28, 28]"
+    assert ctx.get_response_status(0) == (400, answers[0])
+    assert ctx.get_response_status(2) == (400, answers[2])
+    expected, x, logits = original_answers(original, [rows[1], rows[3]])
+    assert answers[1] == expected[0] and answers[3] == expected[1]
+    assert len(answers[1]) == 3  # the handler's topk
+    assert [ctx.get_response_headers(i).get(EXIT_HEADER) for i in range(4)] == [None, "backbone", None, "backbone"]
+
+    service = loaded.handler.service
+    service.recorder.close()
+    table = read_logs(tmp_path / "logs")
+    ids = [ctx.get_request_id(i) for i in range(4)]
+    assert table.column("request_id").to_pylist() == [ids[1], ids[3]]
+    assert table.column("label").to_pylist() == ["3", "7"]
+    assert table.column("exit").to_pylist() == ["backbone", "backbone"]
+    assert table.column("model_name").to_pylist() == ["tiny", "tiny"]
+    assert table.column("model_version").to_pylist() == ["1.0", "1.0"]
+    assert set(table.column("weights_fingerprint").to_pylist()) == {weights_fingerprint(original.backbone)}
+    assert np.array_equal(decode_inputs(table), x.to(torch.float16).numpy())
+    probs = F.softmax(logits, dim=1).numpy()
+    assert np.allclose(decode_probs(table), probs, atol=1e-6)
+    assert table.column("prediction").to_pylist() == probs.argmax(1).tolist()
+    assert act_nodes_of(table.schema) == ["stem.1", "block1.1"]
+
+
+def test_the_first_batch_sets_the_shape_without_input_shape(mar: Path, tmp_path: Path, make_png: PngFactory) -> None:
+    rec = wrap_for_recording(mar, tmp_path / "r.mar", handler_config=HandlerConfig(log_dir=str(tmp_path / "logs")))
+    loaded = open_mar(rec, tmp_path / "served", as_served=True)
+    rows = [{"data": make_png((20, 20))}, {"data": make_png()}, {"data": make_png((20, 20), seed=4)}]
+    answers, codes = run_offline(loaded.handler, loaded.context, rows)
+    assert codes == [200, 400, 200]
+    assert answers[1] == "layercache: request 1 has input shape [1, 28, 28], the model expects [1, 20, 20]"
+
+
+def test_explanations_and_predictions_are_routed_per_row(
+    rec_mar: Path, original: LoadedMar, tmp_path: Path, make_png: PngFactory
+) -> None:
+    loaded = open_mar(rec_mar, tmp_path / "served", as_served=True)
+    rows = [{"data": make_png(seed=i)} for i in range(4)]
+    rows[2]["target"] = "4"
+    ctx = loaded.context
+    # The frontend sends "explain: False" with every prediction and "True" for /explanations.
+    ids = set_requests(ctx, 4, [{"explain": "True"}, {"explain": "False"}, {"explain": "true"}, {}])
+    answers = loaded.handler.handle(rows, ctx)
+    assert [ctx.get_response_status(i)[0] for i in range(4)] == [200] * 4
+    expected, x, logits = original_answers(original, rows)
+    assert answers[1] == expected[1] and answers[3] == expected[3]
+    assert [ctx.get_response_headers(i).get(EXIT_HEADER) for i in range(4)] == [None, "backbone", None, "backbone"]
+    # Row 0 is explained for its predicted class, row 2 for the target it asked for.
+    attr = np.asarray([answers[0], answers[2]])
+    assert attr.shape == (2, *SHAPE)
+    ig = IntegratedGradients(original.backbone)
+    want = ig.attribute(x[[0, 2]], target=[int(logits[0].argmax()), 4], n_steps=15)
+    assert np.allclose(attr, want.detach().numpy(), atol=1e-5)
+    loaded.handler.service.recorder.close()
+    assert read_logs(tmp_path / "logs").column("request_id").to_pylist() == [ids[1], ids[3]]
+
+
+def test_a_recording_failure_never_fails_a_request(
+    rec_mar: Path, original: LoadedMar, tmp_path: Path, make_png: PngFactory
+) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    loaded = open_mar(rec_mar, tmp_path / "served", as_served=True, handler_overrides={"log_dir": str(not_a_dir)})
+    rows = [{"data": make_png(seed=i)} for i in range(3)]
+    for _ in range(2):
+        answers, codes = run_offline(loaded.handler, loaded.context, rows)
+        assert codes == [200, 200, 200]
+        assert answers == original_answers(original, rows)[0]
+    recorder = loaded.handler.service.recorder
+    assert (recorder.written_rows, recorder.failed_rows) == (0, 6)
+
+
+def _cached_mar(rec: Path, tmp_path: Path, backbone: torch.nn.Module, *, threshold: float, fingerprint: str) -> Path:
+    torch.manual_seed(1)
+    head = build_head(HeadSpec(pool=1), (8, 14, 14), 10)
+    heads = tmp_path / "heads.pt"
+    torch.save(heads_state_dict([head]), heads)
+    spec = CacheSpec(
+        num_classes=10,
+        input_shape=SHAPE,
+        weights_fingerprint=fingerprint,
+        exits=(
+            ExitSpec(
+                node=EXIT_NODE,
+                head=HeadSpec(pool=1).to_dict(),
+                in_shape=(8, 14, 14),
+                temperature=2.0,
+                threshold=threshold,
+            ),
+        ),
+    )
+    return package_cached(
+        rec,
+        tmp_path / f"cached-{threshold}-{fingerprint}.mar",
+        spec_json=spec.to_json(),
+        heads_file=heads,
+        handler_config=HandlerConfig(log_dir=str(tmp_path / "clogs")),
+        version="1.0-cached",
+    )
+
+
+def test_cached_archive_answers_from_the_head_with_the_exit_header(
+    rec_mar: Path, original: LoadedMar, tmp_path: Path, make_png: PngFactory
+) -> None:
+    backbone = original.backbone
+    cached = _cached_mar(rec_mar, tmp_path, backbone, threshold=0.0, fingerprint=weights_fingerprint(backbone))
+    loaded = open_mar(cached, tmp_path / "served", as_served=True)
+    assert type(loaded.handler).__name__ == "LayercacheCachedHandler"
+    rows = [{"data": make_png(seed=i)} for i in range(3)] + [{"data": b"junk"}]
+    answers, codes = run_offline(loaded.handler, loaded.context, rows)
+    assert codes == [200, 200, 200, 400]
+    assert [loaded.context.get_response_headers(i).get(EXIT_HEADER) for i in range(4)] == [EXIT_NODE] * 3 + [None]
+    # Threshold 0: every row is answered by the head, at its temperature.
+    _, x, _ = original_answers(original, rows[:3])
+    head = loaded.handler.service.model.heads[0]
+    with torch.no_grad():
+        logp = F.log_softmax(head(split(backbone, [EXIT_NODE])[0](x)) / 2.0, dim=1)
+    assert answers[:3] == original.handler.postprocess(logp)
+    info = json.loads(loaded.handler.describe_handle())
+    assert info["mode"] == "cached" and info["exits"] == [{"node": EXIT_NODE, "threshold": 0.0}]
+    loaded.handler.service.recorder.close()
+    assert read_logs(tmp_path / "clogs").column("exit").to_pylist() == [EXIT_NODE] * 3
+
+
+def test_cached_archive_refuses_other_backbone_weights(rec_mar: Path, original: LoadedMar, tmp_path: Path) -> None:
+    cached = _cached_mar(rec_mar, tmp_path, original.backbone, threshold=0.5, fingerprint="0000000000000000")
+    with pytest.raises(ArchiveError, match=r"built for backbone weights 0000000000000000.*Hint: rebuild the cache"):
+        open_mar(cached, tmp_path / "served", as_served=True)
+
+
+def test_load_inner_handler_errors(tmp_path: Path) -> None:
+    with pytest.raises(ArchiveError, match="inner handler file missing.py is not in the archive"):
+        load_inner_handler("missing.py", tmp_path)
+    with pytest.raises(ArchiveError, match="'no_such_handler' is neither a file in the archive nor a stock"):
+        load_inner_handler("no_such_handler", tmp_path)
+    (tmp_path / "two_classes.py").write_text("class A:\n    pass\n\n\nclass B:\n    pass\n")
+    with pytest.raises(ArchiveError, match=r"must define exactly one class .*found \['A', 'B'\]"):
+        load_inner_handler("two_classes.py", tmp_path)
+    assert type(load_inner_handler("image_classifier", tmp_path)).__name__ == "ImageClassifier"

@@ -1,0 +1,515 @@
+"""Benchmarks: the paper's tables (section 5) for original vs cached, measured side by side in one run.
+
+Workload: the benchmark ResNet-18 (CIFAR stem) trained on Fashion-MNIST in ``../shared/backbones``; the first
+7,000 test images are the recorded traffic, the last 3,000 are never seen by the build and are what every table
+is measured on. Sections (``--sections``):
+
+* ``trunk``: TorchServe end to end on the 3,000 unseen images: agreement, GT accuracy, mean FLOPs from the exits.
+* ``tables``: Table 2 (per exit), Table 3 (FLOPs, oracle), Table 4 (size, live tensor memory).
+* ``latency``: Table 5/6, model latency per batch at batch 1..128 on this CPU, original and cached interleaved.
+* ``overhead``: cached model whose heads never fire vs original (the price of the heads).
+* ``serving``: closed-loop load through TorchServe, original vs cached vs recording, several concurrencies.
+* ``tradeoff``: accuracy/FLOPs across tolerances (one search, thresholds and selection per tolerance).
+
+Results go to ``OUT/bench.json``, PNGs in OUT, and a Markdown section printed and written to ``OUT/BENCHMARKS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from layercache.archive import archive_classifier, wrap_for_recording  # noqa: E402
+from layercache.cli import progress, setup_logging  # noqa: E402
+from layercache.config import HandlerConfig  # noqa: E402
+from layercache.datasets import load_fashion_mnist, write_image_folder  # noqa: E402
+from layercache.runtime import BACKBONE, CachedModel  # noqa: E402
+from layercache.torchserve_adapter import EXIT_HEADER, open_mar  # noqa: E402
+
+logger = logging.getLogger("bench")
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "resnet18_fmnist"
+SHARED = ROOT.parent / "shared" / "backbones" / "resnet18_fmnist.fp16.pt"
+SECTIONS = ("trunk", "tables", "latency", "overhead", "serving", "tradeoff")
+BATCHES = (1, 8, 16, 32, 64, 128)
+TOLERANCES = (0.0025, 0.005, 0.01, 0.02, 0.05)
+
+EPILOG = """examples:
+  python tools/bench.py --out bench-out                      # everything (about 25 minutes on 2 cores)
+  python tools/bench.py --out bench-out --sections latency,overhead --repeats 7
+  python tools/bench.py --out bench-out --sections trunk --tolerance 0.01
+"""
+
+
+# --------------------------------------------------------------------------------------------------- workload
+def prepare(out: Path, traffic: int, evaluate: int) -> dict[str, Path]:
+    """Archive the shared ResNet-18 as a plain .mar, wrap it, write traffic and evaluation images."""
+    if not SHARED.is_file():
+        raise SystemExit(f"benchmark backbone {SHARED} not found (the benchmarks read ../shared/backbones)")
+    store = out / "model-store"
+    paths = {
+        "store": store, "mar": store / "resnet18_fmnist.mar", "rec": store / "resnet18_fmnist_rec.mar",
+        "cached": store / "resnet18_fmnist_cached.mar", "logs": out / "logs", "report": out / "report",
+        "traffic": out / "traffic", "eval": out / "eval",
+    }
+    if not paths["mar"].exists():
+        archive_classifier(
+            model_name="resnet18_fmnist", version="1.0", model_file=EXAMPLE / "resnet18_cifar.py", weights=SHARED,
+            handler=EXAMPLE / "fmnist_resnet_handler.py", output=paths["mar"],
+            extra_files=[EXAMPLE / "index_to_name.json"], config={"batchSize": 8, "maxBatchDelay": 20},
+        )
+    if not paths["rec"].exists():
+        wrap_for_recording(paths["mar"], paths["rec"], handler_config=HandlerConfig(
+            log_dir=str(paths["logs"].resolve()), input_shape=(3, 32, 32)))
+    images, labels = load_fashion_mnist("test")
+    if not paths["traffic"].exists():
+        write_image_folder(images[:traffic], labels[:traffic], paths["traffic"])
+    if not paths["eval"].exists():
+        start = len(images) - evaluate
+        write_image_folder(images[start:], labels[start:], paths["eval"], start=start)
+    return paths
+
+
+def record_and_build(paths: dict[str, Path], tolerance: float, cost: str) -> dict[str, Any]:
+    """tools/record.py over the traffic images, then tools/build_cache.py (both in-process, as a user runs them)."""
+    from tools.build_cache import main as build_cache_main
+    from tools.record import main as record_main
+
+    if not any(paths["logs"].glob("*.parquet")):
+        rc = record_main(["--mar", str(paths["rec"]), "--images", str(paths["traffic"]), "--log-dir",
+                          str(paths["logs"]), "--batch-size", "64", "--quiet"])
+        if rc:
+            raise SystemExit("recording failed")
+    t0 = time.perf_counter()
+    rc = build_cache_main(["--mar", str(paths["mar"]), "--logs", str(paths["logs"]), "--tolerance", str(tolerance),
+                           "--cost", cost, "-o", str(paths["cached"]), "--report", str(paths["report"]), "--force",
+                           "--quiet"])
+    if rc:
+        raise SystemExit("build failed")
+    report = json.loads((paths["report"] / "report.json").read_text())
+    report["bench_build_wall_s"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def eval_images(folder: Path) -> tuple[list[bytes], np.ndarray]:
+    files = sorted(folder.rglob("*.png"))
+    return [p.read_bytes() for p in files], np.array([int(p.parent.name) for p in files])
+
+
+def exit_costs(report: dict[str, Any]) -> dict[str, float]:
+    """FLOPs per request by exit: prefix up to the exit plus every head evaluated on the way."""
+    total = report["mean_flops_original"]
+    costs, heads = {}, 0.0
+    for e in report["exits"]:
+        heads += e["head_flops"]
+        costs[e["node"]] = total - e["flops_remaining"] + heads
+    costs[BACKBONE] = total + heads
+    return costs
+
+
+# --------------------------------------------------------------------------------------------- model-level
+class Models:
+    """Backbone and cached model loaded from the archives, plus the preprocessed evaluation set."""
+
+    def __init__(self, paths: dict[str, Path], tmp: Path) -> None:
+        loaded = open_mar(paths["cached"], tmp / "cached", as_served=True, handler_overrides={"record": False})
+        service = loaded.handler.service
+        self.backbone = service.backbone
+        self.cached: CachedModel = service.model
+        blobs, self.labels = eval_images(paths["eval"])
+        self.x = torch.cat([service.inner.preprocess([{"data": b}]) for b in blobs])
+
+    def never_fire(self) -> CachedModel:
+        m = self.cached
+        return CachedModel(list(m.segments), list(m.heads), m.nodes, m.temperatures, [1.01] * len(m.heads))
+
+
+@torch.inference_mode()
+def tables(models: Models, report: dict[str, Any]) -> dict[str, Any]:
+    """Table 2 (per exit, unseen images), Table 3 (FLOPs, oracle), Table 4 (size, live tensor memory)."""
+    x, labels = models.x, models.labels
+    pred_b = torch.cat([models.backbone(x[i : i + 256]) for i in range(0, len(x), 256)]).argmax(1).numpy()
+    outs = [models.cached.run(x[i : i + 32]) for i in range(0, len(x), 32)]
+    pred_c = torch.cat([o.logits for o in outs]).argmax(1).numpy()
+    exit_idx = torch.cat([o.exit_index for o in outs]).numpy()
+    n = len(x)
+    rows = []
+    for k, node in enumerate(models.cached.nodes):
+        hit = exit_idx == k
+        rows.append({
+            "exit": k + 1, "node": node, "hit_rate": float(hit.mean()),
+            "cache_accuracy": float((pred_c[hit] == pred_b[hit]).mean()) if hit.any() else None,
+            "gt_accuracy": float((pred_c[hit] == labels[hit]).mean()) if hit.any() else None,
+            "effect": float(((pred_b[hit] == labels[hit]) & (pred_c[hit] != labels[hit])).sum()
+                            - ((pred_b[hit] != labels[hit]) & (pred_c[hit] == labels[hit])).sum()) / n,
+        })
+    costs = exit_costs(report)
+    names = [*models.cached.nodes, BACKBONE]
+    flops_cached = float(np.mean([costs[names[i]] for i in exit_idx]))
+    # Oracle: every row leaves at the earliest selected head that agrees with the backbone (no thresholds).
+    h = x
+    earliest = np.full(n, -1)
+    head_sum = 0.0
+    oracle = np.full(n, report["mean_flops_original"] + sum(e["head_flops"] for e in report["exits"]))
+    for k, (seg, head) in enumerate(zip(models.cached.segments, models.cached.heads)):
+        h = torch.cat([seg(h[i : i + 256]) for i in range(0, len(h), 256)])
+        hp = torch.cat([head(h[i : i + 256]) for i in range(0, len(h), 256)]).argmax(1).numpy()
+        e = report["exits"][k]
+        head_sum += e["head_flops"]
+        new = (earliest < 0) & (hp == pred_b)
+        oracle[new] = report["mean_flops_original"] - e["flops_remaining"] + head_sum
+        earliest[new] = k
+    size_b = sum(t.numel() * t.element_size() for t in models.backbone.state_dict().values())
+    size_h = sum(t.numel() * t.element_size() for t in models.cached.heads.state_dict().values())
+    return {
+        "n": n, "exits": rows,
+        "accuracy_original": float((pred_b == labels).mean()), "accuracy_cached": float((pred_c == labels).mean()),
+        "agreement": float((pred_b == pred_c).mean()),
+        "flops_original": report["mean_flops_original"], "flops_cached": flops_cached,
+        "flops_oracle": float(oracle.mean()), "achieved_over_oracle": flops_cached / float(oracle.mean()),
+        "size_backbone_mb": size_b / 2**20, "size_cached_mb": (size_b + size_h) / 2**20,
+        "memory": live_memory(models),
+    }
+
+
+def live_memory(models: Models, batch: int = 32, batches: int = 8) -> dict[str, float]:
+    """Memory allocated by tensors during inference (torch.profiler, profile_memory=True), MB per batch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name, fn in (("original", models.backbone), ("cached", models.cached)):
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            for i in range(batches):
+                fn(models.x[i * batch : (i + 1) * batch])
+        allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+        out[name] = allocated / batches / 2**20
+    return out
+
+
+def _time(fn: Any, x: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def latency(models: Models, repeats: int, seed: int = 0, cached: Any = None) -> list[dict[str, Any]]:
+    """Per batch size: original and cached timed interleaved (A B A B) on the same real batches."""
+    cached = cached or models.cached.run
+    rng = np.random.default_rng(seed)
+    rows = []
+    for b in progress(BATCHES, "latency"):
+        ta, tb = [], []
+        for _ in range(repeats):
+            idx = rng.choice(len(models.x), size=b, replace=False)
+            xb = models.x[idx].contiguous()
+            _time(models.backbone, xb)  # warm-up of this shape
+            _time(cached, xb)
+            for _ in range(3):
+                ta.append(_time(models.backbone, xb))
+                tb.append(_time(cached, xb))
+        ma, mb = statistics.median(ta), statistics.median(tb)
+        rows.append({"batch": b, "original_ms": 1e3 * ma, "cached_ms": 1e3 * mb, "ratio": mb / ma,
+                     "original_range_ms": [1e3 * min(ta), 1e3 * max(ta)],
+                     "cached_range_ms": [1e3 * min(tb), 1e3 * max(tb)]})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- serving
+def _post(url: str, body: bytes, timeout: float = 60.0) -> tuple[int, float, dict[str, str], bytes]:
+    req = urllib.request.Request(url, data=body, method="POST")
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            data = resp.read()
+            return resp.status, time.perf_counter() - t0, dict(resp.headers), data
+    except urllib.error.HTTPError as exc:
+        return exc.code, time.perf_counter() - t0, dict(exc.headers or {}), exc.read()
+    except OSError:
+        return 0, time.perf_counter() - t0, {}, b""
+
+
+def load(url: str, blobs: list[bytes], concurrency: int) -> dict[str, Any]:
+    """Closed loop: ``concurrency`` clients send ``blobs`` (each once) as fast as answers come back."""
+    results: list[Any] = [None] * len(blobs)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for i, r in enumerate(pool.map(lambda b: _post(url, b), blobs)):
+            results[i] = r
+    wall = time.perf_counter() - t0
+    lat = np.array([r[1] for r in results]) * 1e3
+    return {
+        "requests": len(blobs), "concurrency": concurrency, "rps": len(blobs) / wall,
+        "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
+        "p99_ms": float(np.percentile(lat, 99)), "errors": int(sum(r[0] != 200 for r in results)),
+        "results": results,
+    }
+
+
+def _top1(body: bytes, name_to_index: dict[str, int]) -> int:
+    answer = json.loads(body)
+    return name_to_index[max(answer, key=answer.get)]
+
+
+def serve(paths: dict[str, Path], report: dict[str, Any], concurrencies: list[int], repeats: int,
+          n_requests: int) -> dict[str, Any]:
+    """TorchServe end to end: original, cached and recording archives registered side by side, same config."""
+    import shutil
+
+    from layercache.testing.torchserve import TorchServeProcess
+
+    blobs, labels = eval_images(paths["eval"])
+    names = json.loads((EXAMPLE / "index_to_name.json").read_text())
+    name_to_index = {v: int(k) for k, v in names.items()}
+    out: dict[str, Any] = {"trunk": None, "load": []}
+    with tempfile.TemporaryDirectory(prefix="bench-ts-") as tmp:
+        store = Path(tmp) / "store"
+        store.mkdir()
+        for key in ("mar", "cached", "rec"):
+            shutil.copy(paths[key], store / paths[key].name)
+        logs = Path(tmp) / "serve-logs"
+        with TorchServeProcess(model_store=store, env={"OMP_NUM_THREADS": "2", "LAYERCACHE_LOG_DIR": str(logs)}) as ts:
+            client = ts.client()
+            models = {"original": "resnet18_fmnist.mar", "cached": "resnet18_fmnist_cached.mar",
+                      "recording": "resnet18_fmnist_rec.mar"}
+            for name, mar in models.items():
+                client.register(mar, f"m_{name}", initial_workers=1, batch_size=8, max_batch_delay_ms=20)
+            base = ts.inference_url
+            # Trunk check: every unseen image through both services.
+            runs = {name: load(f"{base}/predictions/m_{name}", blobs, 8) for name in ("original", "cached")}
+            po = np.array([_top1(r[3], name_to_index) if r[0] == 200 else -1 for r in runs["original"]["results"]])
+            pc = np.array([_top1(r[3], name_to_index) if r[0] == 200 else -1 for r in runs["cached"]["results"]])
+            exits = [r[2].get(EXIT_HEADER, r[2].get(EXIT_HEADER.lower(), "?")) for r in runs["cached"]["results"]]
+            costs = exit_costs(report)
+            flops = float(np.mean([costs.get(e, np.nan) for e in exits]))
+            out["trunk"] = {
+                "n": len(blobs), "agreement": float((po == pc).mean()),
+                "accuracy_original": float((po == labels).mean()), "accuracy_cached": float((pc == labels).mean()),
+                "flops_original": report["mean_flops_original"], "flops_cached": flops,
+                "flops_ratio": flops / report["mean_flops_original"],
+                "exit_rates": {e: exits.count(e) / len(exits) for e in sorted(set(exits))},
+                "errors": runs["original"]["errors"] + runs["cached"]["errors"],
+            }
+            # Load: interleaved per repeat, medians.
+            for c in concurrencies:
+                per: dict[str, list[dict[str, Any]]] = {k: [] for k in models}
+                for r in range(repeats):
+                    sample = [blobs[i] for i in np.random.default_rng(r).choice(len(blobs), n_requests, False)]
+                    for name in models:
+                        res = load(f"{base}/predictions/m_{name}", sample, c)
+                        res.pop("results")
+                        per[name].append(res)
+                row = {"concurrency": c}
+                for name, rs in per.items():
+                    row[name] = {k: statistics.median([x[k] for x in rs]) for k in ("rps", "p50_ms", "p90_ms",
+                                                                                    "p99_ms")}
+                    row[name]["errors"] = sum(x["errors"] for x in rs)
+                out["load"].append(row)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ tradeoff
+def tradeoff(paths: dict[str, Path], tolerances: tuple[float, ...]) -> list[dict[str, Any]]:
+    """One head search, then thresholds + subset selection per tolerance, on the build's held-out test split."""
+    from layercache.build import BuildConfig, finalize, search
+    from layercache.logs import read_logs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = open_mar(paths["mar"], Path(tmp) / "mar")
+        mapping = json.loads((EXAMPLE / "index_to_name.json").read_text())
+        state = search(loaded.backbone, read_logs(paths["logs"]), BuildConfig(), index_to_name=mapping,
+                       progress=progress)
+    rows = []
+    for tol in tolerances:
+        rep = finalize(state, tol).report
+        rows.append({"tolerance": tol, "flops_ratio": rep["flops_ratio"], "agreement": rep["agreement"],
+                     "accuracy_original": rep["gt_accuracy_original"], "accuracy_cached": rep["gt_accuracy_cached"],
+                     "exits": [e["node"] for e in rep["exits"]]})
+    return rows
+
+
+def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    drop = [100 * (r["accuracy_original"] - r["accuracy_cached"]) for r in rows]
+    ax.plot([r["flops_ratio"] for r in rows], drop, "o-")
+    for r, d in zip(rows, drop):
+        ax.annotate(f"tol {r['tolerance']}", (r["flops_ratio"], d), fontsize=7)
+    ax.set_xlabel("mean FLOPs, cached / original")
+    ax.set_ylabel("GT accuracy drop (points)")
+    ax.set_title("ResNet-18 / Fashion-MNIST: accuracy vs FLOPs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ markdown
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}, no GPU")
+
+
+def markdown(res: dict[str, Any], command: str) -> str:
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"
+    lines = [f"Command: `{command}`  ", f"Machine: {res['machine']}  ", f"Date: {res['date']}", ""]
+    if "build" in res:
+        b = res["build"]
+        lines += [f"Build (`tools/build_cache.py`, tolerance {b['tolerance']}, cost {b['cost']}): "
+                  f"{b['build_seconds_total']} s wall, peak RSS {b['peak_rss_mb']:.0f} MB; "
+                  f"{len(b['exits'])} exits: " + ", ".join(f"`{e['node']}` ({e['head']})" for e in b["exits"]), ""]
+    if res.get("trunk"):
+        t = res["trunk"]
+        lines += ["### Served by TorchServe, 3,000 unseen test images (issue #2 acceptance)", "",
+                  "| metric | original | cached |", "|---|---|---|",
+                  f"| top-1 agreement with the backbone | 100% | {pct(t['agreement'])} |",
+                  f"| GT accuracy | {pct(t['accuracy_original'])} | {pct(t['accuracy_cached'])} |",
+                  f"| mean FLOPs per request | {t['flops_original'] / 1e6:.1f}M | {t['flops_cached'] / 1e6:.1f}M "
+                  f"({t['flops_ratio']:.3f}x) |",
+                  f"| failed requests | {t['errors']} | |", "",
+                  "Exits taken: " + ", ".join(f"`{k}` {pct(v)}" for k, v in t["exit_rates"].items()), ""]
+    if res.get("tables"):
+        t = res["tables"]
+        lines += ["### Table 2: exits on unseen images", "",
+                  "| exit | node | hit rate | cache accuracy | GT accuracy | accuracy effect |", "|---|---|---|---|---|---|"]
+        for e in t["exits"]:
+            lines.append(f"| {e['exit']} | `{e['node']}` | {pct(e['hit_rate'])} | {pct(e['cache_accuracy'])} | "
+                         f"{pct(e['gt_accuracy'])} | {pct(e['effect'])} |")
+        lines += ["", f"Final GT accuracy: original {pct(t['accuracy_original'])}, cached {pct(t['accuracy_cached'])};"
+                  f" agreement {pct(t['agreement'])}.", "",
+                  "### Table 3: mean FLOPs per request (FlopCounterMode, FLOPs = 2 x MACs)", "",
+                  "| original | cached | ratio | oracle | achieved / oracle |", "|---|---|---|---|---|",
+                  f"| {t['flops_original'] / 1e6:.1f}M | {t['flops_cached'] / 1e6:.1f}M | "
+                  f"{t['flops_cached'] / t['flops_original']:.3f} | {t['flops_oracle'] / 1e6:.1f}M | "
+                  f"{t['achieved_over_oracle']:.3f} |", "",
+                  "### Table 4: model size and live tensor memory", "",
+                  "| | original | cached |", "|---|---|---|",
+                  f"| model size | {t['size_backbone_mb']:.2f} MB | {t['size_cached_mb']:.2f} MB "
+                  f"(+{100 * (t['size_cached_mb'] / t['size_backbone_mb'] - 1):.1f}%) |",
+                  f"| tensor memory allocated per batch of 32 | {t['memory']['original']:.1f} MB | "
+                  f"{t['memory']['cached']:.1f} MB |", ""]
+    for key, title in (("latency", "### Table 5/6: CPU model latency per batch (median ms, min-max)"),
+                       ("overhead", "### Overhead: heads that never fire vs original (median ms)")):
+        if res.get(key):
+            lines += [title, "", "| batch | original | cached | cached / original |", "|---|---|---|---|"]
+            for r in res[key]:
+                lines.append(f"| {r['batch']} | {r['original_ms']:.1f} ({r['original_range_ms'][0]:.1f}-"
+                             f"{r['original_range_ms'][1]:.1f}) | {r['cached_ms']:.1f} ({r['cached_range_ms'][0]:.1f}"
+                             f"-{r['cached_range_ms'][1]:.1f}) | {r['ratio']:.3f} |")
+            lines.append("")
+    if res.get("serving"):
+        lines += ["### TorchServe end to end (closed loop, medians)", "",
+                  "| clients | model | req/s | p50 ms | p90 ms | p99 ms | errors | req/s vs original |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in res["serving"]:
+            base = row["original"]["rps"]
+            for name in ("original", "cached", "recording"):
+                m = row[name]
+                lines.append(f"| {row['concurrency']} | {name} | {m['rps']:.1f} | {m['p50_ms']:.0f} | "
+                             f"{m['p90_ms']:.0f} | {m['p99_ms']:.0f} | {m['errors']} | {m['rps'] / base:.2f}x |")
+        lines.append("")
+    if res.get("tradeoff"):
+        lines += ["### Accuracy / FLOPs trade-off across tolerances (build's held-out split)", "",
+                  "| tolerance | FLOPs ratio | agreement | GT accuracy original | cached | exits |",
+                  "|---|---|---|---|---|---|"]
+        for r in res["tradeoff"]:
+            lines.append(f"| {r['tolerance']} | {r['flops_ratio']:.3f} | {pct(r['agreement'])} | "
+                         f"{pct(r['accuracy_original'])} | {pct(r['accuracy_cached'])} | {', '.join(r['exits'])} |")
+        lines += ["", "![trade-off](bench/tradeoff.png)", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="work and result dir (default: bench-out)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated of {SECTIONS} (default: all)")
+    p.add_argument("--tolerance", type=float, default=0.01, help="build tolerance (default: 0.01)")
+    p.add_argument("--cost", choices=("flops", "latency"), default="flops", help="build's --cost (default: flops)")
+    p.add_argument("--repeats", type=int, default=5, help="repetitions for medians (default: 5)")
+    p.add_argument("--concurrency", default="1,8,16", help="serving client counts (default: 1,8,16)")
+    p.add_argument("--requests", type=int, default=400, help="requests per serving run (default: 400)")
+    p.add_argument("--traffic", type=int, default=7000, help="recorded test images (default: 7000)")
+    p.add_argument("--eval", type=int, default=3000, help="unseen evaluation images (default: 3000)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the cache even if one exists (default: reuse)")
+    p.add_argument("--quiet", action="store_true", help="warnings only (default: off)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.quiet)
+    sections = [s for s in args.sections.split(",") if s]
+    bad = sorted(set(sections) - set(SECTIONS))
+    if bad:
+        parser.error(f"unknown sections {bad}; choose from {SECTIONS}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    paths = prepare(args.out, args.traffic, args.eval)
+    res_path = args.out / "bench.json"
+    res: dict[str, Any] = json.loads(res_path.read_text()) if res_path.exists() else {}
+    res.update({"machine": machine(), "date": datetime.now(UTC).strftime("%Y-%m-%d")})
+    if args.rebuild or not paths["cached"].exists():
+        res["build"] = record_and_build(paths, args.tolerance, args.cost)
+    report = json.loads((paths["report"] / "report.json").read_text())
+    res["build"] = {**report, **{k: v for k, v in res.get("build", {}).items() if k.startswith("bench_")}}
+    with tempfile.TemporaryDirectory() as tmp:
+        models = Models(paths, Path(tmp)) if {"tables", "latency", "overhead"} & set(sections) else None
+        if "tables" in sections:
+            res["tables"] = tables(models, report)
+        if "latency" in sections:
+            res["latency"] = latency(models, args.repeats)
+        if "overhead" in sections:
+            res["overhead"] = [r for r in latency(models, args.repeats, cached=models.never_fire().run)
+                               if r["batch"] in (1, 8, 32, 128)]
+    if {"trunk", "serving"} & set(sections):
+        conc = [int(c) for c in args.concurrency.split(",")] if "serving" in sections else []
+        served = serve(paths, report, conc, args.repeats if conc else 0, args.requests)
+        res["trunk"] = served["trunk"]
+        if conc:
+            res["serving"] = served["load"]
+    if "tradeoff" in sections:
+        res["tradeoff"] = tradeoff(paths, TOLERANCES)
+        plot_tradeoff(res["tradeoff"], args.out / "tradeoff.png")
+    res_path.write_text(json.dumps(res, indent=2, default=str))
+    command = "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    md = markdown(res, command.strip())
+    (args.out / "BENCHMARKS.md").write_text(md)
+    sys.stdout.write(md + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
