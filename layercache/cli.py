@@ -27,4 +27,5 @@ def progress(it: Iterable[T], desc: str, total: int | None = None) -> Iterable[T
         return it
     from tqdm.auto import tqdm
 
-    return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (logs stay readable).
+    return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None)

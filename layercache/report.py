@@ -25,8 +25,9 @@ def markdown(report: dict[str, Any]) -> str:
         "# layercache build report",
         "",
         f"Tolerance {report['tolerance']} (accuracy drop budget), subset selected by {report['cost']}. "
-        f"Rows: {report['rows']}. Evaluated on the test split ({report['rows']['test']} rows the heads never "
-        "trained or calibrated on).",
+        f"Logged rows: {report['rows']['total']} (train {report['rows']['train']}, validation "
+        f"{report['rows']['val']}, test {report['rows']['test']}). Evaluated on the test split, which the heads "
+        "never trained or calibrated on.",
         "",
         "## Exits (paper Table 2)",
         "",

@@ -234,7 +234,7 @@ def latency(models: Models, repeats: int, seed: int = 0, cached: Any = None) -> 
 
 # ----------------------------------------------------------------------------------------------- serving
 def _post(url: str, body: bytes, timeout: float = 60.0) -> tuple[int, float, dict[str, str], bytes]:
-    req = urllib.request.Request(url, data=body, method="POST")
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/octet-stream"})
     t0 = time.perf_counter()
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -282,9 +282,12 @@ def serve(paths: dict[str, Path], report: dict[str, Any], concurrencies: list[in
     with tempfile.TemporaryDirectory(prefix="bench-ts-") as tmp:
         store = Path(tmp) / "store"
         store.mkdir()
-        for key in ("mar", "cached", "rec"):
+        for key in ("mar", "cached"):
             shutil.copy(paths[key], store / paths[key].name)
         logs = Path(tmp) / "serve-logs"
+        # A recording archive of its own: serving traffic must not land in the build's traffic logs.
+        wrap_for_recording(paths["mar"], store / paths["rec"].name, handler_config=HandlerConfig(
+            log_dir=str(logs / "recording"), input_shape=(3, 32, 32)))
         with TorchServeProcess(model_store=store, env={"OMP_NUM_THREADS": "2", "LAYERCACHE_LOG_DIR": str(logs)}) as ts:
             client = ts.client()
             models = {"original": "resnet18_fmnist.mar", "cached": "resnet18_fmnist_cached.mar",
@@ -485,12 +488,18 @@ def main(argv: list[str] | None = None) -> int:
         res["build"] = record_and_build(paths, args.tolerance, args.cost)
     report = json.loads((paths["report"] / "report.json").read_text())
     res["build"] = {**report, **{k: v for k, v in res.get("build", {}).items() if k.startswith("bench_")}}
+    def save() -> None:
+        res_path.write_text(json.dumps(res, indent=2, default=str))
+
+    save()
     with tempfile.TemporaryDirectory() as tmp:
         models = Models(paths, Path(tmp)) if {"tables", "latency", "overhead"} & set(sections) else None
         if "tables" in sections:
             res["tables"] = tables(models, report)
+            save()
         if "latency" in sections:
             res["latency"] = latency(models, args.repeats)
+            save()
         if "overhead" in sections:
             res["overhead"] = [r for r in latency(models, args.repeats, cached=models.never_fire().run)
                                if r["batch"] in (1, 8, 32, 128)]
@@ -500,10 +509,11 @@ def main(argv: list[str] | None = None) -> int:
         res["trunk"] = served["trunk"]
         if conc:
             res["serving"] = served["load"]
+        save()
     if "tradeoff" in sections:
         res["tradeoff"] = tradeoff(paths, TOLERANCES)
         plot_tradeoff(res["tradeoff"], args.out / "tradeoff.png")
-    res_path.write_text(json.dumps(res, indent=2, default=str))
+    save()
     command = "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = markdown(res, command.strip())
     (args.out / "BENCHMARKS.md").write_text(md)

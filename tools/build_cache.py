@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="select the head subset by FLOPs or by latency measured on this device (default: flops)")
     p.add_argument("--layers", default=None, help="comma-separated candidate fx node names (default: automatic)")
     p.add_argument("--list-layers", action="store_true", help="print the candidate and all cuttable layers, then exit")
-    p.add_argument("--trials", type=int, default=6, help="head architectures tried per layer (default: 6)")
+    p.add_argument("--trials", type=int, default=4, help="head architectures tried per layer (default: 4)")
     p.add_argument("--epochs", type=int, default=20, help="max training epochs per head, early stopped (default: 20)")
     p.add_argument("--train-threads", type=int, default=1,
                    help="torch threads while training heads: small heads train fastest on one (default: 1)")

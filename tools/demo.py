@@ -18,6 +18,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import statistics
@@ -26,7 +27,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from layercache.errors import LayercacheError  # noqa: E402 - after the path fix; imports no torch
+from layercache.management import ManagementClient  # noqa: E402 - standard library only
 
 logger = logging.getLogger("demo")
 
@@ -434,6 +438,28 @@ def _tool(rel: str) -> ModuleType:
     return module
 
 
+def check_prerequisites() -> None:
+    """Java and the torchserve package, checked before anything is written (``make install`` provides both)."""
+    java_home = os.environ.get("JAVA_HOME")
+    java = str(Path(java_home, "bin", "java")) if java_home else "java"
+    missing = []
+    if shutil.which(java) is None:
+        missing.append(f"java ({java}; JDK 17)")
+    if importlib.util.find_spec("ts") is None:
+        missing.append(f"the torchserve package for {sys.executable}")
+    if missing:
+        raise DemoError(f"{' and '.join(missing)} missing. Hint: run `make install` (or `make demo`)")
+
+
+def ensure_workers(client: ManagementClient, version: str, workers: int) -> None:
+    """Scale ``version`` to ``workers``: the archive's model-config.yaml (minWorkers/maxWorkers) takes precedence
+    over ``initial_workers`` at registration, so asking for more workers there is not enough."""
+    running = len(client.describe(MODEL, version).get("workers", []))
+    if running != workers:
+        logger.info("scaling %s %s from %d to %d worker(s)", MODEL, version, running, workers)
+        client.scale(MODEL, version, workers)
+
+
 def _check(rc: int, what: str) -> None:
     if rc != 0:
         raise DemoError(f"{what} exited with status {rc} (see the log above)")
@@ -460,6 +486,7 @@ def run_demo(args: DemoArgs, steps: Steps) -> str:
     index_to_name = json.loads(INDEX_TO_NAME.read_text(encoding="utf-8"))
     name_to_index = {str(name): int(i) for i, name in index_to_name.items()}
     quiet = ["--quiet"] if args.quiet else []
+    check_prerequisites()
 
     with steps.step("1. write Fashion-MNIST images"):
         prepare_out(out)
@@ -477,12 +504,15 @@ def run_demo(args: DemoArgs, steps: Steps) -> str:
         workdir = None  # a temp dir under /tmp keeps the worker socket paths short enough
     server = TorchServeProcess(store, workdir=workdir, env={"OMP_NUM_THREADS": "1"}, start_timeout_s=120)
     signal.signal(signal.SIGTERM, _sigterm)
+    started = False
     try:
         with steps.step("3. start TorchServe and register the recording archive"):
             server.start()
+            started = True
             client = server.client(timeout_s=180)
             client.register(rec_mar.name, MODEL, initial_workers=args.workers, batch_size=8, max_batch_delay_ms=20)
             client.wait_ready(MODEL, VERSION, timeout_s=120)
+            ensure_workers(client, VERSION, args.workers)
             logger.info("TorchServe up: inference %s, management %s, logs in %s", server.inference_url,
                         server.management_url, server.workdir)
 
@@ -519,6 +549,7 @@ def run_demo(args: DemoArgs, steps: Steps) -> str:
                 while load.count() < target and time.monotonic() < deadline:
                     time.sleep(0.05)
             _check(rc, "swap_version.py")
+            ensure_workers(client, CACHED_VERSION, args.workers)
             swap_load = load.answers
             logger.info("swap took %.1f s; %d of %d requests during it failed", swap_seconds,
                         sum(a.status != 200 for a in swap_load), len(swap_load))
@@ -532,13 +563,18 @@ def run_demo(args: DemoArgs, steps: Steps) -> str:
             total, costs = flops_per_exit(report)
             before = measure(VERSION, runs[VERSION], eval_images, None, None, total)
             after = measure(CACHED_VERSION, runs[CACHED_VERSION], eval_images, runs[VERSION], costs, total)
+    except BaseException:
+        if started:
+            logger.error("TorchServe logs at the failure (all of them in %s):\n%s", server.workdir,
+                         server.logs_text(max_chars=4000))
+        raise
     finally:
-        if args.keep_running and server.workdir is not None:
+        if args.keep_running and started and server.workdir is not None:
             logger.warning(
-                "TorchServe keeps running (inference %s, management %s). Stop it with:\n"
+                "TorchServe keeps running (inference %s, management %s, metrics %s). Stop it with:\n"
                 "  TMPDIR=%s %s -m ts.model_server --stop --foreground",
-                server.inference_url if server.ports else "?", server.management_url if server.ports else "?",
-                server.workdir / "tmp", sys.executable,
+                server.inference_url, server.management_url, server.metrics_url, server.workdir / "tmp",
+                sys.executable,
             )
         else:
             with steps.step("8. stop TorchServe"):
@@ -546,7 +582,6 @@ def run_demo(args: DemoArgs, steps: Steps) -> str:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     exit_order = [e["node"] for e in report["exits"]]
-    steps.seconds.setdefault("8. stop TorchServe", 0.0)
     return summary_markdown(before, after, exit_order, args=args, traffic=traffic, swap_load=swap_load,
                             swap_seconds=swap_seconds, report=report, steps=steps,
                             report_md=report_dir / "report.md")
@@ -571,22 +606,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         logger.error("demo interrupted")
         return 130
-    except (DemoError, OSError, RuntimeError) as error:
+    except (DemoError, LayercacheError, OSError, RuntimeError) as error:
         logger.error("demo failed: %s", error)
         return 1
-    except Exception as error:  # noqa: BLE001 - e.g. ManagementError, LayercacheError; report it, exit 1
+    except Exception as error:  # noqa: BLE001 - anything unexpected: report it with its traceback, exit 1
         logger.exception("demo failed: %s: %s", type(error).__name__, error)
         return 1
     (args.out / "summary.md").write_text(text, encoding="utf-8")
-    _write(text)
-    _write(f"\nSummary: {args.out / 'summary.md'}   build report: {args.out / 'report' / 'report.md'}   "
-           f"whole demo: {time.perf_counter() - t0:.0f} s\n")
-    return 0
-
-
-def _write(text: str, stream: Callable[[str], Any] = sys.stdout.write) -> None:
-    stream(text)
+    # The table is the demo's result: plain stdout, so `make demo > result.md` keeps it apart from the log.
+    sys.stdout.write(text)
+    sys.stdout.write(f"\nSummary: {args.out / 'summary.md'}   build report: {args.out / 'report' / 'report.md'}   "
+                     f"whole demo: {time.perf_counter() - t0:.0f} s\n")
     sys.stdout.flush()
+    return 0
 
 
 if __name__ == "__main__":
