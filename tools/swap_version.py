@@ -295,7 +295,7 @@ def swap(args: SwapArgs, client: ManagementClient, version: str) -> None:
         )
         # The archive's model-config.yaml (minWorkers/maxWorkers) caps initial_workers: scale up to --workers.
         described = {str(v.get("modelVersion")): v for v in client.list_versions(args.model)}
-        if len(described.get(version, {}).get("workers") or []) < args.workers:
+        if version in described and len(described[version].get("workers") or []) < args.workers:
             logger.info("scaling %s %s to %d workers", args.model, version, args.workers)
             client.scale(args.model, version, args.workers)
         client.set_default(args.model, version)
