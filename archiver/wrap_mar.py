@@ -40,15 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("mar", type=Path, help="the original classifier archive (.mar)")
     p.add_argument("-o", "--output", type=Path, required=True, help="the recording archive to write (.mar)")
-    p.add_argument("--log-dir", type=Path, default=None,
-                   help="where workers record traffic (default: $LAYERCACHE_LOG_DIR/<model> or ~/.layercache/logs/<model>)")
-    p.add_argument("--input-shape", type=_shape, default=None,
-                   help="per-request input shape after preprocess, e.g. 3,32,32; other shapes get HTTP 400 "
-                        "(default: learnt from the first batch)")
-    p.add_argument("--candidates", default=None,
-                   help="comma-separated fx node names whose pooled activations are logged (default: automatic)")
+    p.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="where workers record traffic (default: $LAYERCACHE_LOG_DIR/<model> or ~/.layercache/logs/<model>)",
+    )
+    p.add_argument(
+        "--input-shape",
+        type=_shape,
+        default=None,
+        help="per-request input shape after preprocess, e.g. 3,32,32; other shapes get HTTP 400 "
+        "(default: learnt from the first batch)",
+    )
+    p.add_argument(
+        "--candidates",
+        default=None,
+        help="comma-separated fx node names whose pooled activations are logged (default: automatic)",
+    )
     p.add_argument("--no-activations", action="store_true", help="log inputs and outputs only (default: off)")
-    p.add_argument("--segment-mb", type=float, default=64.0, help="rotate a worker's log segment at this size (default: 64)")
+    p.add_argument(
+        "--segment-mb", type=float, default=64.0, help="rotate a worker's log segment at this size (default: 64)"
+    )
     p.add_argument("--max-log-gb", type=float, default=10.0, help="cap on the whole log dir (default: 10)")
     p.add_argument("--force", action="store_true", help="overwrite the output (default: refuse)")
     p.add_argument("--quiet", action="store_true", help="warnings only (default: info)")

@@ -250,7 +250,11 @@ def wrap_for_recording(
     with tempfile.TemporaryDirectory(prefix="layercache-src-") as tmp:
         extract_mar(mar, Path(tmp))
         return package(
-            source_dir=Path(tmp), info=info, handler_file=RECORDING_HANDLER, handler_config=cfg, output=output,
+            source_dir=Path(tmp),
+            info=info,
+            handler_file=RECORDING_HANDLER,
+            handler_config=cfg,
+            output=output,
             force=force,
         )
 
@@ -278,8 +282,14 @@ def package_cached(
             info = dataclasses.replace(info, handler=info.inner_handler, yaml_config=yaml_config)
         cfg = dataclasses.replace(handler_config, inner_handler=info.inner_handler, mode="cached")
         return package(
-            source_dir=src, info=info, handler_file=CACHED_HANDLER, handler_config=cfg, output=output,
-            version=version, extra={CACHE_SPEC_FILE: spec_path, HEADS_FILE: heads_file}, force=force,
+            source_dir=src,
+            info=info,
+            handler_file=CACHED_HANDLER,
+            handler_config=cfg,
+            output=output,
+            version=version,
+            extra={CACHE_SPEC_FILE: spec_path, HEADS_FILE: heads_file},
+            force=force,
         )
 
 
@@ -313,10 +323,18 @@ def archive_classifier(
             config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         export = tmp / "export"
         export.mkdir()
-        ModelArchiver.generate_model_archive(ModelArchiverConfig(
-            model_name=model_name, handler=str(handler), version=version, serialized_file=str(weights),
-            model_file=str(model_file), extra_files=",".join(str(p) for p in extra_files or []) or None,
-            export_path=str(export), force=True, config_file=str(config_path) if config_path else None,
-        ))
+        ModelArchiver.generate_model_archive(
+            ModelArchiverConfig(
+                model_name=model_name,
+                handler=str(handler),
+                version=version,
+                serialized_file=str(weights),
+                model_file=str(model_file),
+                extra_files=",".join(str(p) for p in extra_files or []) or None,
+                export_path=str(export),
+                force=True,
+                config_file=str(config_path) if config_path else None,
+            )
+        )
         shutil.move(str(export / f"{model_name}.mar"), output)
     return output

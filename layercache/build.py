@@ -285,12 +285,27 @@ def search_candidate(
         # Expected FLOPs saved per row if this head were first in the cascade (accuracy vs cost, Eq. 4 per row).
         score = coverage * cand.flops_remaining - flops
         agreement = float(correct.mean())
-        res.trials.append({
-            "head": spec.id(), "val_agreement": agreement, "coverage": coverage, "head_flops": flops,
-            "score": score, "epochs": result.epochs_run, "seconds": round(time.perf_counter() - t0, 2),
-        })
-        logger.info("%s %s: agreement %.3f, coverage %.3f, %.2f MFLOPs, %d epochs, %.1f s", cand.node, spec.id(),
-                    agreement, coverage, flops / 1e6, result.epochs_run, time.perf_counter() - t0)
+        res.trials.append(
+            {
+                "head": spec.id(),
+                "val_agreement": agreement,
+                "coverage": coverage,
+                "head_flops": flops,
+                "score": score,
+                "epochs": result.epochs_run,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+        )
+        logger.info(
+            "%s %s: agreement %.3f, coverage %.3f, %.2f MFLOPs, %d epochs, %.1f s",
+            cand.node,
+            spec.id(),
+            agreement,
+            coverage,
+            flops / 1e6,
+            result.epochs_run,
+            time.perf_counter() - t0,
+        )
         if agreement <= chance + 0.01:
             continue
         if score > best_score:
@@ -352,13 +367,16 @@ def search(
         cands = describe_nodes(backbone, example, list(config.nodes))
     else:
         cands = find_candidates(
-            backbone, example, min_remaining_fraction=config.min_remaining_fraction,
+            backbone,
+            example,
+            min_remaining_fraction=config.min_remaining_fraction,
             max_candidates=config.max_candidates,
         )
     nodes = [c.node for c in cands]
     logger.info("candidate layers: %s", ", ".join(nodes) or "(none)")
-    acts, logits = replay(backbone, inputs, nodes, max_spatial=config.max_spatial,
-                          batch_size=config.replay_batch, progress=progress)
+    acts, logits = replay(
+        backbone, inputs, nodes, max_spatial=config.max_spatial, batch_size=config.replay_batch, progress=progress
+    )
     targets = F.softmax(logits, dim=1)
     backbone_pred = logits.argmax(dim=1)
     fingerprint = weights_fingerprint(backbone)
@@ -383,10 +401,18 @@ def search(
         )
         latency = (rest_t, head_t)
     return SearchState(
-        config=config, results=results, nodes=nodes, backbone_pred=backbone_pred.numpy(), labels=labels, idx=idx,
+        config=config,
+        results=results,
+        nodes=nodes,
+        backbone_pred=backbone_pred.numpy(),
+        labels=labels,
+        idx=idx,
         total_flops=float(cands[0].flops_prefix + cands[0].flops_remaining) if cands else 0.0,
-        num_classes=int(logits.shape[1]), input_shape=tuple(inputs.shape[1:]), fingerprint=fingerprint,
-        fidelity=_replay_fidelity(table, backbone_pred.numpy(), fingerprint), latency=latency,
+        num_classes=int(logits.shape[1]),
+        input_shape=tuple(inputs.shape[1:]),
+        fingerprint=fingerprint,
+        fidelity=_replay_fidelity(table, backbone_pred.numpy(), fingerprint),
+        latency=latency,
         backbone_bytes=sum(t.numel() * t.element_size() for t in backbone.state_dict().values()),
         seconds=time.perf_counter() - t_start,
     )
@@ -413,18 +439,28 @@ def finalize(state: SearchState, tolerance: float | None = None) -> BuildResult:
     selection = best_subset([r.val_eval for r in kept]) if kept else Selection((), 0.0, ())
     chosen = [kept[i] for i in selection.subset]
     exits = tuple(
-        ExitSpec(node=r.candidate.node, head=r.spec.to_dict(), in_shape=r.candidate.shape,
-                 temperature=r.temperature, threshold=float(t))
+        ExitSpec(
+            node=r.candidate.node,
+            head=r.spec.to_dict(),
+            in_shape=r.candidate.shape,
+            temperature=r.temperature,
+            threshold=float(t),
+        )
         for r, t in zip(chosen, selection.thresholds, strict=True)
     )
     spec = CacheSpec(
-        num_classes=state.num_classes, input_shape=state.input_shape, exits=exits,
-        weights_fingerprint=state.fingerprint, candidates=tuple(state.nodes), tolerance=config.tolerance,
+        num_classes=state.num_classes,
+        input_shape=state.input_shape,
+        exits=exits,
+        weights_fingerprint=state.fingerprint,
+        candidates=tuple(state.nodes),
+        tolerance=config.tolerance,
     )
     report = _report(config, state, kept, selection)
     report["build_seconds"] = round(state.seconds, 1)
-    return BuildResult(spec=spec, heads=[r.head for r in chosen], candidates=state.results, selection=selection,
-                       report=report)
+    return BuildResult(
+        spec=spec, heads=[r.head for r in chosen], candidates=state.results, selection=selection, report=report
+    )
 
 
 def build_cache(
@@ -460,13 +496,16 @@ def _replay_fidelity(table: pa.Table, replay_pred: np.ndarray, fingerprint: str)
     if not same.all():
         logger.warning(
             "%d of %d logged rows were recorded with other backbone weights; their inputs are replayed through "
-            "the current backbone", int((~same).sum()), len(same),
+            "the current backbone",
+            int((~same).sum()),
+            len(same),
         )
     return out
 
 
-def _report(config: BuildConfig, state: SearchState, kept: list[CandidateResult], selection: Selection
-            ) -> dict[str, Any]:
+def _report(
+    config: BuildConfig, state: SearchState, kept: list[CandidateResult], selection: Selection
+) -> dict[str, Any]:
     idx, labels, total_flops = state.idx, state.labels, state.total_flops
     backbone_pred, results, n = state.backbone_pred, state.results, int(sum(len(i) for i in state.idx))
     _, _, te = idx
@@ -486,19 +525,28 @@ def _report(config: BuildConfig, state: SearchState, kept: list[CandidateResult]
     if cascade is not None:
         for i, st in zip(selection.subset, cascade.exits):
             r = kept[i]
-            exits.append({
-                "node": st.node, "threshold": st.threshold, "hit_rate": st.hit_rate,
-                "cache_accuracy": st.cache_accuracy, "gt_accuracy": st.gt_accuracy,
-                "accuracy_effect": st.accuracy_effect, "hits": st.hits, "head": r.spec.id(),
-                "temperature": r.temperature, "head_flops": r.head_flops, "head_params": r.head_params,
-                "flops_remaining": r.candidate.flops_remaining,
-            })
+            exits.append(
+                {
+                    "node": st.node,
+                    "threshold": st.threshold,
+                    "hit_rate": st.hit_rate,
+                    "cache_accuracy": st.cache_accuracy,
+                    "gt_accuracy": st.gt_accuracy,
+                    "accuracy_effect": st.accuracy_effect,
+                    "hits": st.hits,
+                    "head": r.spec.id(),
+                    "temperature": r.temperature,
+                    "head_flops": r.head_flops,
+                    "head_params": r.head_params,
+                    "flops_remaining": r.candidate.flops_remaining,
+                }
+            )
     mean_cached = cascade.mean_cost if cascade is not None else total_flops
     return {
         "tolerance": config.tolerance,
         "cost": config.cost,
         "flops_counter": "torch.utils.flop_counter.FlopCounterMode: FLOPs = 2 x MACs (conv/linear/matmul); "
-                         "heads add their pooling reads",
+        "heads add their pooling reads",
         "rows": {"total": n, "train": int(len(idx[0])), "val": int(len(idx[1])), "test": int(len(te))},
         "mean_flops_original": total_flops,
         "mean_flops_cached": mean_cached,
@@ -512,16 +560,24 @@ def _report(config: BuildConfig, state: SearchState, kept: list[CandidateResult]
         "exits": exits,
         "candidates": [
             {
-                "node": r.candidate.node, "shape": list(r.candidate.shape),
-                "flops_prefix": r.candidate.flops_prefix, "flops_remaining": r.candidate.flops_remaining,
-                "head": r.spec.id() if r.spec else None, "val_agreement": r.val_agreement,
-                "temperature": r.temperature, "discarded": r.discarded, "trials": r.trials,
+                "node": r.candidate.node,
+                "shape": list(r.candidate.shape),
+                "flops_prefix": r.candidate.flops_prefix,
+                "flops_remaining": r.candidate.flops_remaining,
+                "head": r.spec.id() if r.spec else None,
+                "val_agreement": r.val_agreement,
+                "temperature": r.temperature,
+                "discarded": r.discarded,
+                "trials": r.trials,
                 "selected": r in [kept[i] for i in selection.subset],
                 "curve": r.test_curve,
             }
             for r in results
         ],
-        "model_bytes": {"backbone": backbone_bytes, "heads": head_bytes,
-                        "growth": head_bytes / backbone_bytes if backbone_bytes else 0.0},
+        "model_bytes": {
+            "backbone": backbone_bytes,
+            "heads": head_bytes,
+            "growth": head_bytes / backbone_bytes if backbone_bytes else 0.0,
+        },
         "replay": state.fidelity,
     }

@@ -153,7 +153,9 @@ class CacheSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
         object.__setattr__(self, "candidates", tuple(self.candidates))
-        exits = tuple(e if isinstance(e, ExitSpec) else from_mapping(ExitSpec, e, where="cache exit") for e in self.exits)
+        exits = tuple(
+            e if isinstance(e, ExitSpec) else from_mapping(ExitSpec, e, where="cache exit") for e in self.exits
+        )
         object.__setattr__(self, "exits", exits)
 
     @property

@@ -38,7 +38,9 @@ def load_fashion_mnist(split: str = "test", root: Path = FASHION_MNIST_DIR) -> t
         raise ValueError(f"split={split!r} must be 'train' or 'test'")
     images, labels = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
     if not images.is_file() or not labels.is_file():
-        raise LogError(f"Fashion-MNIST not found in {root}. Hint: apt-get update && apt-get install -y dataset-fashion-mnist")
+        raise LogError(
+            f"Fashion-MNIST not found in {root}. Hint: apt-get update && apt-get install -y dataset-fashion-mnist"
+        )
     return _read_idx(images), _read_idx(labels)
 
 

@@ -162,11 +162,38 @@ def prepool_size_for(in_shape: tuple[int, ...], max_spatial: int = 8) -> int:
     return prepool_size(math.gcd(int(in_shape[1]), int(in_shape[2])), max_spatial)
 
 
-def prepool(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Adaptive average pool an NCHW batch to ``size x size``; 2D/3D tensors pass unchanged."""
-    if x.dim() != 4 or size <= 0 or tuple(x.shape[-2:]) == (size, size):
+def avg_pool_to(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Average pool NCHW ``x`` to ``size x size``: the same windows as adaptive pooling, but the plain (much
+    faster on CPU) ``avg_pool2d`` kernel when the size divides H and W; global pooling is a mean."""
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    if (h, w) == (size, size):
         return x
+    if size == 1:
+        return x.mean(dim=(2, 3), keepdim=True)
+    if h % size == 0 and w % size == 0:
+        return F.avg_pool2d(x, (h // size, w // size))
     return F.adaptive_avg_pool2d(x, size)
+
+
+class AvgPoolTo(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` equivalent (no parameters) using :func:`avg_pool_to`."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = int(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return avg_pool_to(x, self.size)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
+
+
+def prepool(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Average pool an NCHW batch to ``size x size``; 2D/3D tensors pass unchanged."""
+    if x.dim() != 4 or size <= 0:
+        return x
+    return avg_pool_to(x, size)
 
 
 class _TokenMean(nn.Module):
@@ -212,7 +239,7 @@ def build_head(spec: HeadSpec, in_shape: tuple[int, ...], num_classes: int) -> n
     if len(in_shape) == 3:
         channels = int(in_shape[0])
         if spec.pool:
-            layers.append(nn.AdaptiveAvgPool2d(spec.pool))
+            layers.append(AvgPoolTo(spec.pool))
         for out_c, kernel, stride in spec.convs:
             layers += [
                 nn.Conv2d(
@@ -227,7 +254,7 @@ def build_head(spec: HeadSpec, in_shape: tuple[int, ...], num_classes: int) -> n
                 nn.ReLU(inplace=True),
             ]
             channels = out_c
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        layers += [AvgPoolTo(1), nn.Flatten()]
         features = channels
     elif len(in_shape) == 2:
         layers.append(_TokenMean())

@@ -191,8 +191,7 @@ def encode_batch(
     unknown = sorted(set(acts) - set(nodes))
     if unknown:
         raise ValueError(
-            f"act nodes {unknown} are not columns of the schema (it has {nodes}); "
-            "Hint: pass them to make_schema()"
+            f"act nodes {unknown} are not columns of the schema (it has {nodes}); Hint: pass them to make_schema()"
         )
 
     item_shape = inputs.shape[1:]
@@ -214,9 +213,7 @@ def encode_batch(
         "prediction": pa.array(np.argmax(probs_f32, axis=1).astype(np.int32)),
         "exit": _string_column(exits, n_rows, "exits", nullable=False),
         "label": (
-            pa.nulls(n_rows, pa.string())
-            if labels is None
-            else _string_column(labels, n_rows, "labels", nullable=True)
+            pa.nulls(n_rows, pa.string()) if labels is None else _string_column(labels, n_rows, "labels", nullable=True)
         ),
     }
     for node in nodes:
@@ -225,9 +222,7 @@ def encode_batch(
             continue
         act = np.asarray(acts[node])
         if act.ndim != 2 or act.shape[0] != n_rows:
-            raise ValueError(
-                f"activation of {node!r} has shape {act.shape}; expected ({n_rows}, C) pooled channels"
-            )
+            raise ValueError(f"activation of {node!r} has shape {act.shape}; expected ({n_rows}, C) pooled channels")
         columns[ACT_PREFIX + node] = _rows_to_binary(act.astype(np.float16, order="C", copy=False))
 
     missing = [name for name in schema.names if name not in columns]

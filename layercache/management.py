@@ -38,22 +38,20 @@ logger = logging.getLogger(__name__)
 __all__ = ["ManagementClient", "ManagementError", "archive_url", "mar_version"]
 
 _HINT_MODEL_API = "the model API is off: set enable_model_api=true in config.properties"
-_HINT_TOKEN = (
-    "token authorization is on: pass --token or set disable_token_authorization=true"
-)
-_HINT_CONFLICT = (
-    "version already registered: unregister it or archive with another --version"
-)
+_HINT_TOKEN = "token authorization is on: pass --token or set disable_token_authorization=true"
+_HINT_CONFLICT = "version already registered: unregister it or archive with another --version"
 _HINT_NOT_FOUND = "list what is registered with GET /models and GET /models/<model>/all"
 _HINT_NOT_IN_STORE = (
     "a local .mar must sit directly in the server's model_store (url=<file name>) or be given as a "
     "file:// URL that allowed_urls accepts"
 )
-_HINT_DEFAULT_DELETE = "the default version cannot be unregistered while other versions exist: set another default first"
-_HINT_FILE_EXISTS = "a file with that name is already in the server's model_store: register it by file name, or rename the .mar"
-_HINT_UNREACHABLE = (
-    "is TorchServe running, and is this its management address (management_address)?"
+_HINT_DEFAULT_DELETE = (
+    "the default version cannot be unregistered while other versions exist: set another default first"
 )
+_HINT_FILE_EXISTS = (
+    "a file with that name is already in the server's model_store: register it by file name, or rename the .mar"
+)
+_HINT_UNREACHABLE = "is TorchServe running, and is this its management address (management_address)?"
 
 
 class ManagementError(LayercacheError):
@@ -86,16 +84,10 @@ class ManagementError(LayercacheError):
         super().__init__(text)
 
 
-def _hint_for(
-    method: str, path: str, status: int, error_type: str, message: str
-) -> str | None:
+def _hint_for(method: str, path: str, status: int, error_type: str, message: str) -> str | None:
     """Map a TorchServe error answer to advice; ``None`` when there is nothing useful to add."""
     lowered = message.lower()
-    if (
-        status == 401
-        or error_type == "InvalidKeyException"
-        or "token authoriz" in lowered
-    ):
+    if status == 401 or error_type == "InvalidKeyException" or "token authoriz" in lowered:
         return _HINT_TOKEN
     if status == 405:
         return _HINT_MODEL_API
@@ -143,14 +135,10 @@ class ManagementClient:
 
     def describe(self, model: str, version: str | None = None) -> dict:
         """Describe one version (the default one when ``version`` is None): ``GET /models/{model}[/{version}]``."""
-        path = f"/models/{_quote(model)}" + (
-            f"/{_quote(version)}" if version is not None else ""
-        )
+        path = f"/models/{_quote(model)}" + (f"/{_quote(version)}" if version is not None else "")
         answer = _as_list(self._request("GET", path))
         if not answer:
-            raise ManagementError(
-                "GET", self._url(path), 200, "empty description", _HINT_NOT_FOUND
-            )
+            raise ManagementError("GET", self._url(path), 200, "empty description", _HINT_NOT_FOUND)
         return answer[0]
 
     def default_version(self, model: str) -> str | None:
@@ -257,9 +245,7 @@ class ManagementClient:
         """Set min and max workers of a version (the default one when None) and wait for the change."""
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
-        path = f"/models/{_quote(model)}" + (
-            f"/{_quote(version)}" if version is not None else ""
-        )
+        path = f"/models/{_quote(model)}" + (f"/{_quote(version)}" if version is not None else "")
         query = {"min_worker": workers, "max_worker": workers, "synchronous": "true"}
         self._request("PUT", path, query)
 
@@ -270,9 +256,7 @@ class ManagementClient:
             url += "?" + urllib.parse.urlencode(query)
         return url
 
-    def _request(
-        self, method: str, path: str, query: dict[str, Any] | None = None
-    ) -> Any:
+    def _request(self, method: str, path: str, query: dict[str, Any] | None = None) -> Any:
         url = self._url(path, query)
         headers = {"Accept": "application/json"}
         if self.token:
@@ -288,9 +272,7 @@ class ManagementClient:
             raise ManagementError(method, url, error.code, message, hint) from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
             reason = getattr(error, "reason", error)
-            raise ManagementError(
-                method, url, None, str(reason), _HINT_UNREACHABLE
-            ) from None
+            raise ManagementError(method, url, None, str(reason), _HINT_UNREACHABLE) from None
         if not body:
             return None
         try:
@@ -345,13 +327,9 @@ def mar_version(path: str | Path) -> tuple[str, str]:
             f"{str(path)!r} is not a zip .mar (tgz and no-archive formats are not supported here)"
         ) from None
     except KeyError:
-        raise ArchiveError(
-            f"{str(path)!r} has no MAR-INF/MANIFEST.json: build it with torch-model-archiver"
-        ) from None
+        raise ArchiveError(f"{str(path)!r} has no MAR-INF/MANIFEST.json: build it with torch-model-archiver") from None
     except ValueError as error:
-        raise ArchiveError(
-            f"{str(path)!r}: MANIFEST.json is not valid JSON ({error})"
-        ) from None
+        raise ArchiveError(f"{str(path)!r}: MANIFEST.json is not valid JSON ({error})") from None
     model = manifest.get("model") if isinstance(manifest, dict) else None
     name = model.get("modelName") if isinstance(model, dict) else None
     version = model.get("modelVersion") if isinstance(model, dict) else None

@@ -347,6 +347,5 @@ def _schema_mismatch(expected: pa.Schema, got: pa.Schema) -> str:
     parts += [f"retyped {retyped}"] * bool(retyped)
     detail = "; ".join(parts) or "same columns in another order or nullability"
     return (
-        f"batch schema differs from the recorder's ({detail}). "
-        "Hint: encode it with encode_batch(recorder.schema, ...)"
+        f"batch schema differs from the recorder's ({detail}). Hint: encode it with encode_batch(recorder.schema, ...)"
     )

@@ -222,7 +222,7 @@ class RecordingModel(nn.Module):
 
 
 def heads_state_dict(heads: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
-    """Flat state dict of the selected heads, keys ``"<position>.<name>"`` (what :meth:`CachedModel.from_spec` reads)."""
+    """Flat state dict of the selected heads, keys ``"<position>.<name>"`` (read by :meth:`CachedModel.from_spec`)."""
     return {f"{i}.{k}": v.detach().cpu().clone() for i, head in enumerate(heads) for k, v in head.state_dict().items()}
 
 

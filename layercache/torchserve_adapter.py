@@ -74,9 +74,7 @@ def load_inner_handler(name: str, model_dir: Path) -> Any:
                 f"inner handler {name!r} is neither a file in the archive nor a stock TorchServe handler "
                 "(image_classifier, image_segmenter, object_detector, text_classifier, base_handler)"
             ) from exc
-    classes = [
-        c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__
-    ]
+    classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
     if len(classes) != 1:
         raise ArchiveError(
             f"handler module {module.__name__} must define exactly one class (TorchServe's rule), found "
@@ -92,7 +90,12 @@ def make_context(
     from ts.context import Context
 
     return Context(
-        manifest["model"]["modelName"], str(model_dir), dict(manifest), batch_size, None, "0.12.0",
+        manifest["model"]["modelName"],
+        str(model_dir),
+        dict(manifest),
+        batch_size,
+        None,
+        "0.12.0",
         model_yaml_config=dict(yaml_config or {}),
     )
 
@@ -175,7 +178,10 @@ class LayercacheService:
                 self._setup_recording(torch.zeros((1, *self.input_shape), device=self.device))
         logger.info(
             "layercache %s handler ready: model %s version %s, inner handler %s",
-            self.config.mode, self.model_name, self.model_version, self.config.inner_handler,
+            self.config.mode,
+            self.model_name,
+            self.model_version,
+            self.config.inner_handler,
         )
 
     def _setup_recording(self, example: torch.Tensor) -> None:
@@ -229,8 +235,13 @@ class LayercacheService:
             pred_rows = [j for j, i in enumerate(batch.ok) if not explain[i]]
             expl_rows = [j for j, i in enumerate(batch.ok) if explain[i]]
             if pred_rows:
-                self._predict(x if len(pred_rows) == len(batch.ok) else x[pred_rows],
-                              [batch.ok[j] for j in pred_rows], data, context, results)
+                self._predict(
+                    x if len(pred_rows) == len(batch.ok) else x[pred_rows],
+                    [batch.ok[j] for j in pred_rows],
+                    data,
+                    context,
+                    results,
+                )
             if expl_rows:
                 self._explain(x[expl_rows], [batch.ok[j] for j in expl_rows], data, context, results)
         return results
@@ -253,7 +264,8 @@ class LayercacheService:
             expected = self.input_shape or (tuple(out.tensors[0].shape[1:]) if out.tensors else None)
             if expected is not None and shape != tuple(expected):
                 out.errors[i] = (
-                    400, f"layercache: request {i} has input shape {list(shape)}, the model expects {list(expected)}"
+                    400,
+                    f"layercache: request {i} has input shape {list(shape)}, the model expects {list(expected)}",
                 )
                 continue
             out.ok.append(i)
@@ -290,16 +302,29 @@ class LayercacheService:
                 probs = F.softmax(logits.float(), dim=1)
                 self._record(context, idxs, x, probs, exits, acts, data)
 
-    def _record(self, context: Any, idxs: list[int], x: torch.Tensor, probs: torch.Tensor, exits: list[str],
-                acts: Mapping[str, torch.Tensor], data: list[Any]) -> None:
+    def _record(
+        self,
+        context: Any,
+        idxs: list[int],
+        x: torch.Tensor,
+        probs: torch.Tensor,
+        exits: list[str],
+        acts: Mapping[str, torch.Tensor],
+        data: list[Any],
+    ) -> None:
         assert self.recorder is not None and self.schema is not None
         try:
             ids = [str(context.get_request_id(i) or uuid.uuid4()) for i in idxs]
             labels = [_label(data[i]) for i in idxs]
             rb = encode_batch(
-                self.schema, request_ids=ids, model_name=self.model_name, model_version=self.model_version,
-                weights_fingerprint=self.fingerprint, inputs=x.detach().to("cpu", torch.float16).numpy(),
-                probs=probs.cpu().numpy(), exits=exits,
+                self.schema,
+                request_ids=ids,
+                model_name=self.model_name,
+                model_version=self.model_version,
+                weights_fingerprint=self.fingerprint,
+                inputs=x.detach().to("cpu", torch.float16).numpy(),
+                probs=probs.cpu().numpy(),
+                exits=exits,
                 acts={k: v.detach().to("cpu", torch.float16).numpy() for k, v in acts.items()},
                 labels=labels if any(lbl is not None for lbl in labels) else None,
             )
@@ -349,9 +374,7 @@ class LayercacheService:
         """JSON for ``GET /models/<name>/<version>?customized=true``."""
         info: dict[str, Any] = {"mode": self.config.mode if self.config else None, "weights": self.fingerprint}
         if isinstance(self.model, CachedModel):
-            info["exits"] = [
-                {"node": n, "threshold": t} for n, t in zip(self.model.nodes, self.model.thresholds)
-            ]
+            info["exits"] = [{"node": n, "threshold": t} for n, t in zip(self.model.nodes, self.model.thresholds)]
         elif isinstance(self.model, RecordingModel):
             info["candidates"] = list(self.model.nodes)
         if self.recorder is not None:

@@ -65,19 +65,32 @@ def prepare(out: Path, traffic: int, evaluate: int) -> dict[str, Path]:
         raise SystemExit(f"benchmark backbone {SHARED} not found (the benchmarks read ../shared/backbones)")
     store = out / "model-store"
     paths = {
-        "store": store, "mar": store / "resnet18_fmnist.mar", "rec": store / "resnet18_fmnist_rec.mar",
-        "cached": store / "resnet18_fmnist_cached.mar", "logs": out / "logs", "report": out / "report",
-        "traffic": out / "traffic", "eval": out / "eval",
+        "store": store,
+        "mar": store / "resnet18_fmnist.mar",
+        "rec": store / "resnet18_fmnist_rec.mar",
+        "cached": store / "resnet18_fmnist_cached.mar",
+        "logs": out / "logs",
+        "report": out / "report",
+        "traffic": out / "traffic",
+        "eval": out / "eval",
     }
     if not paths["mar"].exists():
         archive_classifier(
-            model_name="resnet18_fmnist", version="1.0", model_file=EXAMPLE / "resnet18_cifar.py", weights=SHARED,
-            handler=EXAMPLE / "fmnist_resnet_handler.py", output=paths["mar"],
-            extra_files=[EXAMPLE / "index_to_name.json"], config={"batchSize": 8, "maxBatchDelay": 20},
+            model_name="resnet18_fmnist",
+            version="1.0",
+            model_file=EXAMPLE / "resnet18_cifar.py",
+            weights=SHARED,
+            handler=EXAMPLE / "fmnist_resnet_handler.py",
+            output=paths["mar"],
+            extra_files=[EXAMPLE / "index_to_name.json"],
+            config={"batchSize": 8, "maxBatchDelay": 20},
         )
     if not paths["rec"].exists():
-        wrap_for_recording(paths["mar"], paths["rec"], handler_config=HandlerConfig(
-            log_dir=str(paths["logs"].resolve()), input_shape=(3, 32, 32)))
+        wrap_for_recording(
+            paths["mar"],
+            paths["rec"],
+            handler_config=HandlerConfig(log_dir=str(paths["logs"].resolve()), input_shape=(3, 32, 32)),
+        )
     images, labels = load_fashion_mnist("test")
     if not paths["traffic"].exists():
         write_image_folder(images[:traffic], labels[:traffic], paths["traffic"])
@@ -93,14 +106,40 @@ def record_and_build(paths: dict[str, Path], tolerance: float, cost: str) -> dic
     from tools.record import main as record_main
 
     if not any(paths["logs"].glob("*.parquet")):
-        rc = record_main(["--mar", str(paths["rec"]), "--images", str(paths["traffic"]), "--log-dir",
-                          str(paths["logs"]), "--batch-size", "64", "--quiet"])
+        rc = record_main(
+            [
+                "--mar",
+                str(paths["rec"]),
+                "--images",
+                str(paths["traffic"]),
+                "--log-dir",
+                str(paths["logs"]),
+                "--batch-size",
+                "64",
+                "--quiet",
+            ]
+        )
         if rc:
             raise SystemExit("recording failed")
     t0 = time.perf_counter()
-    rc = build_cache_main(["--mar", str(paths["mar"]), "--logs", str(paths["logs"]), "--tolerance", str(tolerance),
-                           "--cost", cost, "-o", str(paths["cached"]), "--report", str(paths["report"]), "--force",
-                           "--quiet"])
+    rc = build_cache_main(
+        [
+            "--mar",
+            str(paths["mar"]),
+            "--logs",
+            str(paths["logs"]),
+            "--tolerance",
+            str(tolerance),
+            "--cost",
+            cost,
+            "-o",
+            str(paths["cached"]),
+            "--report",
+            str(paths["report"]),
+            "--force",
+            "--quiet",
+        ]
+    )
     if rc:
         raise SystemExit("build failed")
     report = json.loads((paths["report"] / "report.json").read_text())
@@ -153,13 +192,20 @@ def tables(models: Models, report: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for k, node in enumerate(models.cached.nodes):
         hit = exit_idx == k
-        rows.append({
-            "exit": k + 1, "node": node, "hit_rate": float(hit.mean()),
-            "cache_accuracy": float((pred_c[hit] == pred_b[hit]).mean()) if hit.any() else None,
-            "gt_accuracy": float((pred_c[hit] == labels[hit]).mean()) if hit.any() else None,
-            "effect": float(((pred_b[hit] == labels[hit]) & (pred_c[hit] != labels[hit])).sum()
-                            - ((pred_b[hit] != labels[hit]) & (pred_c[hit] == labels[hit])).sum()) / n,
-        })
+        rows.append(
+            {
+                "exit": k + 1,
+                "node": node,
+                "hit_rate": float(hit.mean()),
+                "cache_accuracy": float((pred_c[hit] == pred_b[hit]).mean()) if hit.any() else None,
+                "gt_accuracy": float((pred_c[hit] == labels[hit]).mean()) if hit.any() else None,
+                "effect": float(
+                    ((pred_b[hit] == labels[hit]) & (pred_c[hit] != labels[hit])).sum()
+                    - ((pred_b[hit] != labels[hit]) & (pred_c[hit] == labels[hit])).sum()
+                )
+                / n,
+            }
+        )
     costs = exit_costs(report)
     names = [*models.cached.nodes, BACKBONE]
     flops_cached = float(np.mean([costs[names[i]] for i in exit_idx]))
@@ -179,12 +225,17 @@ def tables(models: Models, report: dict[str, Any]) -> dict[str, Any]:
     size_b = sum(t.numel() * t.element_size() for t in models.backbone.state_dict().values())
     size_h = sum(t.numel() * t.element_size() for t in models.cached.heads.state_dict().values())
     return {
-        "n": n, "exits": rows,
-        "accuracy_original": float((pred_b == labels).mean()), "accuracy_cached": float((pred_c == labels).mean()),
+        "n": n,
+        "exits": rows,
+        "accuracy_original": float((pred_b == labels).mean()),
+        "accuracy_cached": float((pred_c == labels).mean()),
         "agreement": float((pred_b == pred_c).mean()),
-        "flops_original": report["mean_flops_original"], "flops_cached": flops_cached,
-        "flops_oracle": float(oracle.mean()), "achieved_over_oracle": flops_cached / float(oracle.mean()),
-        "size_backbone_mb": size_b / 2**20, "size_cached_mb": (size_b + size_h) / 2**20,
+        "flops_original": report["mean_flops_original"],
+        "flops_cached": flops_cached,
+        "flops_oracle": float(oracle.mean()),
+        "achieved_over_oracle": flops_cached / float(oracle.mean()),
+        "size_backbone_mb": size_b / 2**20,
+        "size_cached_mb": (size_b + size_h) / 2**20,
         "memory": live_memory(models),
     }
 
@@ -226,9 +277,16 @@ def latency(models: Models, repeats: int, seed: int = 0, cached: Any = None) -> 
                 ta.append(_time(models.backbone, xb))
                 tb.append(_time(cached, xb))
         ma, mb = statistics.median(ta), statistics.median(tb)
-        rows.append({"batch": b, "original_ms": 1e3 * ma, "cached_ms": 1e3 * mb, "ratio": mb / ma,
-                     "original_range_ms": [1e3 * min(ta), 1e3 * max(ta)],
-                     "cached_range_ms": [1e3 * min(tb), 1e3 * max(tb)]})
+        rows.append(
+            {
+                "batch": b,
+                "original_ms": 1e3 * ma,
+                "cached_ms": 1e3 * mb,
+                "ratio": mb / ma,
+                "original_range_ms": [1e3 * min(ta), 1e3 * max(ta)],
+                "cached_range_ms": [1e3 * min(tb), 1e3 * max(tb)],
+            }
+        )
     return rows
 
 
@@ -256,9 +314,13 @@ def load(url: str, blobs: list[bytes], concurrency: int) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     lat = np.array([r[1] for r in results]) * 1e3
     return {
-        "requests": len(blobs), "concurrency": concurrency, "rps": len(blobs) / wall,
-        "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
-        "p99_ms": float(np.percentile(lat, 99)), "errors": int(sum(r[0] != 200 for r in results)),
+        "requests": len(blobs),
+        "concurrency": concurrency,
+        "rps": len(blobs) / wall,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p90_ms": float(np.percentile(lat, 90)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "errors": int(sum(r[0] != 200 for r in results)),
         "results": results,
     }
 
@@ -268,8 +330,9 @@ def _top1(body: bytes, name_to_index: dict[str, int]) -> int:
     return name_to_index[max(answer, key=answer.get)]
 
 
-def serve(paths: dict[str, Path], report: dict[str, Any], concurrencies: list[int], repeats: int,
-          n_requests: int) -> dict[str, Any]:
+def serve(
+    paths: dict[str, Path], report: dict[str, Any], concurrencies: list[int], repeats: int, n_requests: int
+) -> dict[str, Any]:
     """TorchServe end to end: original, cached and recording archives registered side by side, same config."""
     import shutil
 
@@ -286,12 +349,18 @@ def serve(paths: dict[str, Path], report: dict[str, Any], concurrencies: list[in
             shutil.copy(paths[key], store / paths[key].name)
         logs = Path(tmp) / "serve-logs"
         # A recording archive of its own: serving traffic must not land in the build's traffic logs.
-        wrap_for_recording(paths["mar"], store / paths["rec"].name, handler_config=HandlerConfig(
-            log_dir=str(logs / "recording"), input_shape=(3, 32, 32)))
+        wrap_for_recording(
+            paths["mar"],
+            store / paths["rec"].name,
+            handler_config=HandlerConfig(log_dir=str(logs / "recording"), input_shape=(3, 32, 32)),
+        )
         with TorchServeProcess(model_store=store, env={"OMP_NUM_THREADS": "2", "LAYERCACHE_LOG_DIR": str(logs)}) as ts:
             client = ts.client()
-            models = {"original": "resnet18_fmnist.mar", "cached": "resnet18_fmnist_cached.mar",
-                      "recording": "resnet18_fmnist_rec.mar"}
+            models = {
+                "original": "resnet18_fmnist.mar",
+                "cached": "resnet18_fmnist_cached.mar",
+                "recording": "resnet18_fmnist_rec.mar",
+            }
             for name, mar in models.items():
                 client.register(mar, f"m_{name}", initial_workers=1, batch_size=8, max_batch_delay_ms=20)
             base = ts.inference_url
@@ -303,9 +372,12 @@ def serve(paths: dict[str, Path], report: dict[str, Any], concurrencies: list[in
             costs = exit_costs(report)
             flops = float(np.mean([costs.get(e, np.nan) for e in exits]))
             out["trunk"] = {
-                "n": len(blobs), "agreement": float((po == pc).mean()),
-                "accuracy_original": float((po == labels).mean()), "accuracy_cached": float((pc == labels).mean()),
-                "flops_original": report["mean_flops_original"], "flops_cached": flops,
+                "n": len(blobs),
+                "agreement": float((po == pc).mean()),
+                "accuracy_original": float((po == labels).mean()),
+                "accuracy_cached": float((pc == labels).mean()),
+                "flops_original": report["mean_flops_original"],
+                "flops_cached": flops,
                 "flops_ratio": flops / report["mean_flops_original"],
                 "exit_rates": {e: exits.count(e) / len(exits) for e in sorted(set(exits))},
                 "errors": runs["original"]["errors"] + runs["cached"]["errors"],
@@ -321,8 +393,9 @@ def serve(paths: dict[str, Path], report: dict[str, Any], concurrencies: list[in
                         per[name].append(res)
                 row = {"concurrency": c}
                 for name, rs in per.items():
-                    row[name] = {k: statistics.median([x[k] for x in rs]) for k in ("rps", "p50_ms", "p90_ms",
-                                                                                    "p99_ms")}
+                    row[name] = {
+                        k: statistics.median([x[k] for x in rs]) for k in ("rps", "p50_ms", "p90_ms", "p99_ms")
+                    }
                     row[name]["errors"] = sum(x["errors"] for x in rs)
                 out["load"].append(row)
     return out
@@ -337,14 +410,22 @@ def tradeoff(paths: dict[str, Path], tolerances: tuple[float, ...]) -> list[dict
     with tempfile.TemporaryDirectory() as tmp:
         loaded = open_mar(paths["mar"], Path(tmp) / "mar")
         mapping = json.loads((EXAMPLE / "index_to_name.json").read_text())
-        state = search(loaded.backbone, read_logs(paths["logs"]), BuildConfig(), index_to_name=mapping,
-                       progress=progress)
+        state = search(
+            loaded.backbone, read_logs(paths["logs"]), BuildConfig(), index_to_name=mapping, progress=progress
+        )
     rows = []
     for tol in tolerances:
         rep = finalize(state, tol).report
-        rows.append({"tolerance": tol, "flops_ratio": rep["flops_ratio"], "agreement": rep["agreement"],
-                     "accuracy_original": rep["gt_accuracy_original"], "accuracy_cached": rep["gt_accuracy_cached"],
-                     "exits": [e["node"] for e in rep["exits"]]})
+        rows.append(
+            {
+                "tolerance": tol,
+                "flops_ratio": rep["flops_ratio"],
+                "agreement": rep["agreement"],
+                "accuracy_original": rep["gt_accuracy_original"],
+                "accuracy_cached": rep["gt_accuracy_cached"],
+                "exits": [e["node"] for e in rep["exits"]],
+            }
+        )
     return rows
 
 
@@ -379,8 +460,10 @@ def machine() -> str:
         pass
     import os
 
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}, no GPU")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Python {platform.python_version()}, no GPU"
+    )
 
 
 def markdown(res: dict[str, Any], command: str) -> str:
@@ -388,74 +471,114 @@ def markdown(res: dict[str, Any], command: str) -> str:
     lines = [f"Command: `{command}`  ", f"Machine: {res['machine']}  ", f"Date: {res['date']}", ""]
     if "build" in res:
         b = res["build"]
-        lines += [f"Build (`tools/build_cache.py`, tolerance {b['tolerance']}, cost {b['cost']}): "
-                  f"{b['build_seconds_total']} s wall, peak RSS {b['peak_rss_mb']:.0f} MB; "
-                  f"{len(b['exits'])} exits: " + ", ".join(f"`{e['node']}` ({e['head']})" for e in b["exits"]), ""]
+        lines += [
+            f"Build (`tools/build_cache.py`, tolerance {b['tolerance']}, cost {b['cost']}): "
+            f"{b['build_seconds_total']} s wall, peak RSS {b['peak_rss_mb']:.0f} MB; "
+            f"{len(b['exits'])} exits: " + ", ".join(f"`{e['node']}` ({e['head']})" for e in b["exits"]),
+            "",
+        ]
     if res.get("trunk"):
         t = res["trunk"]
-        lines += ["### Served by TorchServe, 3,000 unseen test images (issue #2 acceptance)", "",
-                  "| metric | original | cached |", "|---|---|---|",
-                  f"| top-1 agreement with the backbone | 100% | {pct(t['agreement'])} |",
-                  f"| GT accuracy | {pct(t['accuracy_original'])} | {pct(t['accuracy_cached'])} |",
-                  f"| mean FLOPs per request | {t['flops_original'] / 1e6:.1f}M | {t['flops_cached'] / 1e6:.1f}M "
-                  f"({t['flops_ratio']:.3f}x) |",
-                  f"| failed requests | {t['errors']} | |", "",
-                  "Exits taken: " + ", ".join(f"`{k}` {pct(v)}" for k, v in t["exit_rates"].items()), ""]
+        lines += [
+            "### Served by TorchServe, 3,000 unseen test images (issue #2 acceptance)",
+            "",
+            "| metric | original | cached |",
+            "|---|---|---|",
+            f"| top-1 agreement with the backbone | 100% | {pct(t['agreement'])} |",
+            f"| GT accuracy | {pct(t['accuracy_original'])} | {pct(t['accuracy_cached'])} |",
+            f"| mean FLOPs per request | {t['flops_original'] / 1e6:.1f}M | {t['flops_cached'] / 1e6:.1f}M "
+            f"({t['flops_ratio']:.3f}x) |",
+            f"| failed requests | {t['errors']} | |",
+            "",
+            "Exits taken: " + ", ".join(f"`{k}` {pct(v)}" for k, v in t["exit_rates"].items()),
+            "",
+        ]
     if res.get("tables"):
         t = res["tables"]
-        lines += ["### Table 2: exits on unseen images", "",
-                  "| exit | node | hit rate | cache accuracy | GT accuracy | accuracy effect |", "|---|---|---|---|---|---|"]
+        lines += [
+            "### Table 2: exits on unseen images",
+            "",
+            "| exit | node | hit rate | cache accuracy | GT accuracy | accuracy effect |",
+            "|---|---|---|---|---|---|",
+        ]
         for e in t["exits"]:
-            lines.append(f"| {e['exit']} | `{e['node']}` | {pct(e['hit_rate'])} | {pct(e['cache_accuracy'])} | "
-                         f"{pct(e['gt_accuracy'])} | {pct(e['effect'])} |")
-        lines += ["", f"Final GT accuracy: original {pct(t['accuracy_original'])}, cached {pct(t['accuracy_cached'])};"
-                  f" agreement {pct(t['agreement'])}.", "",
-                  "### Table 3: mean FLOPs per request (FlopCounterMode, FLOPs = 2 x MACs)", "",
-                  "| original | cached | ratio | oracle | achieved / oracle |", "|---|---|---|---|---|",
-                  f"| {t['flops_original'] / 1e6:.1f}M | {t['flops_cached'] / 1e6:.1f}M | "
-                  f"{t['flops_cached'] / t['flops_original']:.3f} | {t['flops_oracle'] / 1e6:.1f}M | "
-                  f"{t['achieved_over_oracle']:.3f} |", "",
-                  "### Table 4: model size and live tensor memory", "",
-                  "| | original | cached |", "|---|---|---|",
-                  f"| model size | {t['size_backbone_mb']:.2f} MB | {t['size_cached_mb']:.2f} MB "
-                  f"(+{100 * (t['size_cached_mb'] / t['size_backbone_mb'] - 1):.1f}%) |",
-                  f"| tensor memory allocated per batch of 32 | {t['memory']['original']:.1f} MB | "
-                  f"{t['memory']['cached']:.1f} MB |", ""]
-    for key, title in (("latency", "### Table 5/6: CPU model latency per batch (median ms, min-max)"),
-                       ("overhead", "### Overhead: heads that never fire vs original (median ms)")):
+            lines.append(
+                f"| {e['exit']} | `{e['node']}` | {pct(e['hit_rate'])} | {pct(e['cache_accuracy'])} | "
+                f"{pct(e['gt_accuracy'])} | {pct(e['effect'])} |"
+            )
+        lines += [
+            "",
+            f"Final GT accuracy: original {pct(t['accuracy_original'])}, cached {pct(t['accuracy_cached'])};"
+            f" agreement {pct(t['agreement'])}.",
+            "",
+            "### Table 3: mean FLOPs per request (FlopCounterMode, FLOPs = 2 x MACs)",
+            "",
+            "| original | cached | ratio | oracle | achieved / oracle |",
+            "|---|---|---|---|---|",
+            f"| {t['flops_original'] / 1e6:.1f}M | {t['flops_cached'] / 1e6:.1f}M | "
+            f"{t['flops_cached'] / t['flops_original']:.3f} | {t['flops_oracle'] / 1e6:.1f}M | "
+            f"{t['achieved_over_oracle']:.3f} |",
+            "",
+            "### Table 4: model size and live tensor memory",
+            "",
+            "| | original | cached |",
+            "|---|---|---|",
+            f"| model size | {t['size_backbone_mb']:.2f} MB | {t['size_cached_mb']:.2f} MB "
+            f"(+{100 * (t['size_cached_mb'] / t['size_backbone_mb'] - 1):.1f}%) |",
+            f"| tensor memory allocated per batch of 32 | {t['memory']['original']:.1f} MB | "
+            f"{t['memory']['cached']:.1f} MB |",
+            "",
+        ]
+    for key, title in (
+        ("latency", "### Table 5/6: CPU model latency per batch (median ms, min-max)"),
+        ("overhead", "### Overhead: heads that never fire vs original (median ms)"),
+    ):
         if res.get(key):
             lines += [title, "", "| batch | original | cached | cached / original |", "|---|---|---|---|"]
             for r in res[key]:
-                lines.append(f"| {r['batch']} | {r['original_ms']:.1f} ({r['original_range_ms'][0]:.1f}-"
-                             f"{r['original_range_ms'][1]:.1f}) | {r['cached_ms']:.1f} ({r['cached_range_ms'][0]:.1f}"
-                             f"-{r['cached_range_ms'][1]:.1f}) | {r['ratio']:.3f} |")
+                lines.append(
+                    f"| {r['batch']} | {r['original_ms']:.1f} ({r['original_range_ms'][0]:.1f}-"
+                    f"{r['original_range_ms'][1]:.1f}) | {r['cached_ms']:.1f} ({r['cached_range_ms'][0]:.1f}"
+                    f"-{r['cached_range_ms'][1]:.1f}) | {r['ratio']:.3f} |"
+                )
             lines.append("")
     if res.get("serving"):
-        lines += ["### TorchServe end to end (closed loop, medians)", "",
-                  "| clients | model | req/s | p50 ms | p90 ms | p99 ms | errors | req/s vs original |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "### TorchServe end to end (closed loop, medians)",
+            "",
+            "| clients | model | req/s | p50 ms | p90 ms | p99 ms | errors | req/s vs original |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for row in res["serving"]:
             base = row["original"]["rps"]
             for name in ("original", "cached", "recording"):
                 m = row[name]
-                lines.append(f"| {row['concurrency']} | {name} | {m['rps']:.1f} | {m['p50_ms']:.0f} | "
-                             f"{m['p90_ms']:.0f} | {m['p99_ms']:.0f} | {m['errors']} | {m['rps'] / base:.2f}x |")
+                lines.append(
+                    f"| {row['concurrency']} | {name} | {m['rps']:.1f} | {m['p50_ms']:.0f} | "
+                    f"{m['p90_ms']:.0f} | {m['p99_ms']:.0f} | {m['errors']} | {m['rps'] / base:.2f}x |"
+                )
         lines.append("")
     if res.get("tradeoff"):
-        lines += ["### Accuracy / FLOPs trade-off across tolerances (build's held-out split)", "",
-                  "| tolerance | FLOPs ratio | agreement | GT accuracy original | cached | exits |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "### Accuracy / FLOPs trade-off across tolerances (build's held-out split)",
+            "",
+            "| tolerance | FLOPs ratio | agreement | GT accuracy original | cached | exits |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in res["tradeoff"]:
-            lines.append(f"| {r['tolerance']} | {r['flops_ratio']:.3f} | {pct(r['agreement'])} | "
-                         f"{pct(r['accuracy_original'])} | {pct(r['accuracy_cached'])} | {', '.join(r['exits'])} |")
-        lines += ["", "![trade-off](bench/tradeoff.png)", ""]
+            lines.append(
+                f"| {r['tolerance']} | {r['flops_ratio']:.3f} | {pct(r['agreement'])} | "
+                f"{pct(r['accuracy_original'])} | {pct(r['accuracy_cached'])} | {', '.join(r['exits'])} |"
+            )
+        lines += ["", "![trade-off](docs/bench/tradeoff.png)", ""]
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench.py", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="bench.py", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="work and result dir (default: bench-out)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated of {SECTIONS} (default: all)")
     p.add_argument("--tolerance", type=float, default=0.01, help="build tolerance (default: 0.01)")
@@ -488,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         res["build"] = record_and_build(paths, args.tolerance, args.cost)
     report = json.loads((paths["report"] / "report.json").read_text())
     res["build"] = {**report, **{k: v for k, v in res.get("build", {}).items() if k.startswith("bench_")}}
+
     def save() -> None:
         res_path.write_text(json.dumps(res, indent=2, default=str))
 
@@ -501,8 +625,11 @@ def main(argv: list[str] | None = None) -> int:
             res["latency"] = latency(models, args.repeats)
             save()
         if "overhead" in sections:
-            res["overhead"] = [r for r in latency(models, args.repeats, cached=models.never_fire().run)
-                               if r["batch"] in (1, 8, 32, 128)]
+            res["overhead"] = [
+                r
+                for r in latency(models, args.repeats, cached=models.never_fire().run)
+                if r["batch"] in (1, 8, 32, 128)
+            ]
     if {"trunk", "serving"} & set(sections):
         conc = [int(c) for c in args.concurrency.split(",")] if "serving" in sections else []
         served = serve(paths, report, conc, args.repeats if conc else 0, args.requests)

@@ -43,26 +43,42 @@ EPILOG = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="build_cache.py", description=__doc__, epilog=EPILOG,
+        prog="build_cache.py",
+        description=__doc__,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--mar", type=Path, required=True, help="the original (or recording) classifier archive")
     p.add_argument("--logs", type=Path, required=True, help="log dir written by the recording handler")
-    p.add_argument("--tolerance", type=float, default=0.01, help="accepted accuracy drop, 0.01 = 1 point (default: 0.01)")
+    p.add_argument(
+        "--tolerance", type=float, default=0.01, help="accepted accuracy drop, 0.01 = 1 point (default: 0.01)"
+    )
     p.add_argument("-o", "--output", type=Path, help="cached archive to write (.mar); required unless --list-layers")
     p.add_argument("--report", type=Path, default=None, help="report dir: report.json, report.md, PNGs (default: none)")
     p.add_argument("--version", default=None, help="version of the cached archive (default: <original>-cached)")
-    p.add_argument("--log-dir", type=Path, default=None,
-                   help="where the cached archive keeps recording traffic (default: the recording archive's log dir "
-                        "when --mar is one, else $LAYERCACHE_LOG_DIR/<model> or ~/.layercache/logs/<model>)")
-    p.add_argument("--cost", choices=("flops", "latency"), default="flops",
-                   help="select the head subset by FLOPs or by latency measured on this device (default: flops)")
+    p.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="where the cached archive keeps recording traffic (default: the recording archive's log dir "
+        "when --mar is one, else $LAYERCACHE_LOG_DIR/<model> or ~/.layercache/logs/<model>)",
+    )
+    p.add_argument(
+        "--cost",
+        choices=("flops", "latency"),
+        default="flops",
+        help="select the head subset by FLOPs or by latency measured on this device (default: flops)",
+    )
     p.add_argument("--layers", default=None, help="comma-separated candidate fx node names (default: automatic)")
     p.add_argument("--list-layers", action="store_true", help="print the candidate and all cuttable layers, then exit")
     p.add_argument("--trials", type=int, default=4, help="head architectures tried per layer (default: 4)")
     p.add_argument("--epochs", type=int, default=20, help="max training epochs per head, early stopped (default: 20)")
-    p.add_argument("--train-threads", type=int, default=1,
-                   help="torch threads while training heads: small heads train fastest on one (default: 1)")
+    p.add_argument(
+        "--train-threads",
+        type=int,
+        default=1,
+        help="torch threads while training heads: small heads train fastest on one (default: 1)",
+    )
     p.add_argument("--max-rows", type=int, default=None, help="use at most this many logged rows (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed for split, init and shuffling (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device for the build (default: cpu)")
@@ -118,7 +134,10 @@ def _run(args: argparse.Namespace, t0: float) -> int:
         if mapping.is_file():
             index_to_name = json.loads(mapping.read_text())
         config = BuildConfig(
-            tolerance=args.tolerance, seed=args.seed, trials=args.trials, cost=args.cost,
+            tolerance=args.tolerance,
+            seed=args.seed,
+            trials=args.trials,
+            cost=args.cost,
             train=TrainConfig(epochs=args.epochs, patience=3, seed=args.seed, num_threads=args.train_threads),
             nodes=tuple(args.layers.split(",")) if args.layers else None,
         )
@@ -131,8 +150,15 @@ def _run(args: argparse.Namespace, t0: float) -> int:
         if log_dir is None and info.mode is not None:
             log_dir = HandlerConfig.from_yaml_config(info.yaml_config).log_dir
         handler_cfg = HandlerConfig(log_dir=log_dir)
-        package_cached(args.mar, args.output, spec_json=result.spec.to_json(), heads_file=heads_file,
-                       handler_config=handler_cfg, version=version, force=args.force)
+        package_cached(
+            args.mar,
+            args.output,
+            spec_json=result.spec.to_json(),
+            heads_file=heads_file,
+            handler_config=handler_cfg,
+            version=version,
+            force=args.force,
+        )
     report = result.report
     report["build_seconds_total"] = round(time.perf_counter() - t0, 1)
     report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -143,7 +169,12 @@ def _run(args: argparse.Namespace, t0: float) -> int:
     exits = ", ".join(f"{e['node']} (hit {e['hit_rate']:.1%})" for e in report["exits"]) or "none"
     logger.info(
         "cached archive %s (version %s): exits %s; FLOPs %.3f x original; agreement %.2f%%; %.0f s",
-        args.output, version, exits, report["flops_ratio"], 100 * report["agreement"], report["build_seconds_total"],
+        args.output,
+        version,
+        exits,
+        report["flops_ratio"],
+        100 * report["agreement"],
+        report["build_seconds_total"],
     )
     return 0
 

@@ -92,30 +92,61 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="demo.py", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--out", type=Path, default=Path("demo-out"),
-                   help="output folder; a previous demo's folder is cleaned and reused, any other non-empty one "
-                        "needs --force (default: demo-out)")
-    p.add_argument("--traffic", type=int, default=3000,
-                   help="images sent as traffic and recorded for the build: the first N of the test split "
-                        "(default: 3000)")
-    p.add_argument("--eval", type=int, default=1000,
-                   help="held-out images sent to both versions: the last N of the test split (default: 1000)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo-out"),
+        help="output folder; a previous demo's folder is cleaned and reused, any other non-empty one "
+        "needs --force (default: demo-out)",
+    )
+    p.add_argument(
+        "--traffic",
+        type=int,
+        default=3000,
+        help="images sent as traffic and recorded for the build: the first N of the test split (default: 3000)",
+    )
+    p.add_argument(
+        "--eval",
+        type=int,
+        default=1000,
+        help="held-out images sent to both versions: the last N of the test split (default: 1000)",
+    )
     p.add_argument("--concurrency", type=int, default=8, help="concurrent client requests (default: 8)")
-    p.add_argument("--tolerance", type=float, default=0.01,
-                   help="accepted accuracy drop for the build, 0.01 = one point (default: 0.01)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="TorchServe workers per version, each with OMP_NUM_THREADS=1 (default: 1)")
-    p.add_argument("--trials", type=int, default=None,
-                   help="passed to build_cache.py --trials: head architectures tried per layer "
-                        "(default: build_cache.py's own)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="passed to build_cache.py --epochs: max training epochs per head "
-                        "(default: build_cache.py's own)")
-    p.add_argument("--keep-running", action="store_true",
-                   help="leave TorchServe running at the end and print how to stop it (default: stop it)")
-    p.add_argument("--force", action="store_true",
-                   help="use an existing non-empty --out that is not a previous demo's, replacing only the demo's "
-                        "own entries in it (default: refuse)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="accepted accuracy drop for the build, 0.01 = one point (default: 0.01)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="TorchServe workers per version, each with OMP_NUM_THREADS=1 (default: 1)",
+    )
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="passed to build_cache.py --trials: head architectures tried per layer (default: build_cache.py's own)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="passed to build_cache.py --epochs: max training epochs per head (default: build_cache.py's own)",
+    )
+    p.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave TorchServe running at the end and print how to stop it (default: stop it)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="use an existing non-empty --out that is not a previous demo's, replacing only the demo's "
+        "own entries in it (default: refuse)",
+    )
     p.add_argument("--quiet", action="store_true", help="warnings and the final table only (default: off)")
     return p
 
@@ -136,11 +167,23 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> D
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not ns.force:
-        parser.error(f"--out {out} is not empty and was not made by the demo; pass --force to replace the demo's "
-                     f"entries in it, or choose another folder")
-    return DemoArgs(out=out, traffic=ns.traffic, eval=ns.eval, concurrency=ns.concurrency, tolerance=ns.tolerance,
-                    workers=ns.workers, trials=ns.trials, epochs=ns.epochs, keep_running=ns.keep_running,
-                    force=ns.force, quiet=ns.quiet)
+        parser.error(
+            f"--out {out} is not empty and was not made by the demo; pass --force to replace the demo's "
+            f"entries in it, or choose another folder"
+        )
+    return DemoArgs(
+        out=out,
+        traffic=ns.traffic,
+        eval=ns.eval,
+        concurrency=ns.concurrency,
+        tolerance=ns.tolerance,
+        workers=ns.workers,
+        trials=ns.trials,
+        epochs=ns.epochs,
+        keep_running=ns.keep_running,
+        force=ns.force,
+        quiet=ns.quiet,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ timing
@@ -191,8 +234,7 @@ def predict(url: str, body: bytes, name_to_index: dict[str, int], timeout_s: flo
             seconds = time.perf_counter() - t0
             exit_name = response.headers.get(EXIT_HEADER)
     except urllib.error.HTTPError as error:
-        return Answer(error.code, time.perf_counter() - t0, None, None,
-                      error.read().decode("utf-8", "replace")[:200])
+        return Answer(error.code, time.perf_counter() - t0, None, None, error.read().decode("utf-8", "replace")[:200])
     except OSError as error:  # refused, reset, timed out
         return Answer(-1, time.perf_counter() - t0, None, None, repr(error))
     try:
@@ -216,8 +258,7 @@ class Run:
         return sum(a.status != 200 for a in self.answers)
 
 
-def send_all(url: str, images: Sequence[Image], concurrency: int, name_to_index: dict[str, int],
-             desc: str) -> Run:
+def send_all(url: str, images: Sequence[Image], concurrency: int, name_to_index: dict[str, int], desc: str) -> Run:
     """Send every image once with ``concurrency`` client threads; answers come back in image order."""
     from layercache.cli import progress
 
@@ -236,15 +277,17 @@ def send_all(url: str, images: Sequence[Image], concurrency: int, name_to_index:
 class BackgroundLoad:
     """Requests to the default route from a few threads until stopped: what clients see during the swap."""
 
-    def __init__(self, url: str, bodies: Sequence[bytes], name_to_index: dict[str, int], threads: int = 2,
-                 limit_s: float = 600.0) -> None:
+    def __init__(
+        self, url: str, bodies: Sequence[bytes], name_to_index: dict[str, int], threads: int = 2, limit_s: float = 600.0
+    ) -> None:
         self.url, self.bodies, self.name_to_index = url, list(bodies), name_to_index
         self.limit_s = limit_s
         self.answers: list[Answer] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True, name=f"demo-load-{i}")
-                         for i in range(threads)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True, name=f"demo-load-{i}") for i in range(threads)
+        ]
 
     def _run(self, offset: int) -> None:
         deadline = time.monotonic() + self.limit_s
@@ -331,8 +374,14 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def measure(version: str, run: Run, images: Sequence[Image], reference: Run | None,
-            exit_costs: dict[str, float] | None, total_flops: float) -> Measured:
+def measure(
+    version: str,
+    run: Run,
+    images: Sequence[Image],
+    reference: Run | None,
+    exit_costs: dict[str, float] | None,
+    total_flops: float,
+) -> Measured:
     ok = [(a, img) for a, img in zip(run.answers, images) if a.status == 200]
     accuracy = sum(a.predicted == img.label for a, img in ok) / len(ok) if ok else math.nan
     if reference is None:
@@ -347,14 +396,25 @@ def measure(version: str, run: Run, images: Sequence[Image], reference: Run | No
     if exit_costs is None:
         mean_flops = total_flops
     else:
-        mean_flops = sum(exit_costs.get(a.exit or BACKBONE, exit_costs[BACKBONE]) for a, _ in ok) / len(ok) \
-            if ok else math.nan
+        mean_flops = (
+            sum(exit_costs.get(a.exit or BACKBONE, exit_costs[BACKBONE]) for a, _ in ok) / len(ok) if ok else math.nan
+        )
     return Measured(version, run, accuracy, agreement, hit_rates, mean_flops)
 
 
-def summary_markdown(before: Measured, after: Measured, exit_order: Sequence[str], *, args: DemoArgs,
-                     traffic: Run, swap_load: list[Answer], swap_seconds: float, report: dict[str, Any],
-                     steps: Steps, report_md: Path) -> str:
+def summary_markdown(
+    before: Measured,
+    after: Measured,
+    exit_order: Sequence[str],
+    *,
+    args: DemoArgs,
+    traffic: Run,
+    swap_load: list[Answer],
+    swap_seconds: float,
+    report: dict[str, Any],
+    steps: Steps,
+    report_md: Path,
+) -> str:
     def pct(v: float) -> str:
         return "n/a" if math.isnan(v) else f"{100 * v:.2f}%"
 
@@ -373,10 +433,16 @@ def summary_markdown(before: Measured, after: Measured, exit_order: Sequence[str
         ("mean FLOPs per request", f"{before.mean_flops / 1e6:.2f}M", f"{after.mean_flops / 1e6:.2f}M ({ratio:.3f}x)"),
         ("latency p50", ms(_percentile(before.latencies_ms, 50)), ms(_percentile(after.latencies_ms, 50))),
         ("latency p90", ms(_percentile(before.latencies_ms, 90)), ms(_percentile(after.latencies_ms, 90))),
-        ("throughput", f"{len(before.run.answers) / before.run.seconds:.1f} req/s",
-         f"{len(after.run.answers) / after.run.seconds:.1f} req/s"),
-        ("failed requests", f"{before.run.failed} of {len(before.run.answers)}",
-         f"{after.run.failed} of {len(after.run.answers)}"),
+        (
+            "throughput",
+            f"{len(before.run.answers) / before.run.seconds:.1f} req/s",
+            f"{len(after.run.answers) / after.run.seconds:.1f} req/s",
+        ),
+        (
+            "failed requests",
+            f"{before.run.failed} of {len(before.run.answers)}",
+            f"{after.run.failed} of {len(after.run.answers)}",
+        ),
     ]
     swap_failed = sum(a.status != 200 for a in swap_load)
     lines = [
@@ -491,13 +557,32 @@ def run_demo(args: DemoArgs, steps: Steps) -> str:
     with steps.step("1. write Fashion-MNIST images"):
         prepare_out(out)
         traffic_images, eval_images = write_images(out / "data", args.traffic, args.eval)
-        logger.info("%d traffic images in %s, %d evaluation images in %s", len(traffic_images),
-                    out / "data" / "traffic", len(eval_images), out / "data" / "eval")
+        logger.info(
+            "%d traffic images in %s, %d evaluation images in %s",
+            len(traffic_images),
+            out / "data" / "traffic",
+            len(eval_images),
+            out / "data" / "eval",
+        )
 
     with steps.step("2. archive the classifier and wrap it for recording"):
         _check(make_default_model.main(["-o", str(plain_mar), "--force", *quiet]), "make_default_model.py")
-        _check(wrap_mar.main([str(plain_mar), "-o", str(rec_mar), "--log-dir", str(logs), "--input-shape", "1,28,28",
-                              "--force", *quiet]), "wrap_mar.py")
+        _check(
+            wrap_mar.main(
+                [
+                    str(plain_mar),
+                    "-o",
+                    str(rec_mar),
+                    "--log-dir",
+                    str(logs),
+                    "--input-shape",
+                    "1,28,28",
+                    "--force",
+                    *quiet,
+                ]
+            ),
+            "wrap_mar.py",
+        )
 
     workdir = out / "torchserve"
     if len(str(workdir / "temp")) > MAX_SOCKET_DIR:
@@ -513,20 +598,37 @@ def run_demo(args: DemoArgs, steps: Steps) -> str:
             client.register(rec_mar.name, MODEL, initial_workers=args.workers, batch_size=8, max_batch_delay_ms=20)
             client.wait_ready(MODEL, VERSION, timeout_s=120)
             ensure_workers(client, VERSION, args.workers)
-            logger.info("TorchServe up: inference %s, management %s, logs in %s", server.inference_url,
-                        server.management_url, server.workdir)
+            logger.info(
+                "TorchServe up: inference %s, management %s, logs in %s",
+                server.inference_url,
+                server.management_url,
+                server.workdir,
+            )
 
         predictions = f"{server.inference_url}/predictions/{MODEL}"
         with steps.step(f"4. send {len(traffic_images)} traffic requests (recorded)"):
             traffic = send_all(predictions, traffic_images, args.concurrency, name_to_index, "traffic")
-            logger.info("traffic: %d requests in %.1f s, %d failed", len(traffic.answers), traffic.seconds,
-                        traffic.failed)
+            logger.info(
+                "traffic: %d requests in %.1f s, %d failed", len(traffic.answers), traffic.seconds, traffic.failed
+            )
             if traffic.failed == len(traffic.answers):
                 raise DemoError("every traffic request failed; see the TorchServe logs in " + str(server.workdir))
 
         with steps.step("5. build the cache from the recorded traffic"):
-            build_argv = ["--mar", str(rec_mar), "--logs", str(logs), "--tolerance", str(args.tolerance),
-                          "-o", str(cached_mar), "--report", str(report_dir), "--force", *quiet]
+            build_argv = [
+                "--mar",
+                str(rec_mar),
+                "--logs",
+                str(logs),
+                "--tolerance",
+                str(args.tolerance),
+                "-o",
+                str(cached_mar),
+                "--report",
+                str(report_dir),
+                "--force",
+                *quiet,
+            ]
             if args.trials is not None:
                 build_argv += ["--trials", str(args.trials)]
             if args.epochs is not None:
@@ -538,10 +640,23 @@ def run_demo(args: DemoArgs, steps: Steps) -> str:
             bodies = [img.path.read_bytes() for img in traffic_images[:200]]
             with BackgroundLoad(predictions, bodies, name_to_index) as load:
                 t0 = time.perf_counter()
-                rc = swap_version.main(["--model", MODEL, "--mar", str(cached_mar), "--management",
-                                        server.management_url, "--model-store", str(store), "--workers",
-                                        str(args.workers), "--state-file", str(out / ".layercache-swap.json"),
-                                        *quiet])
+                rc = swap_version.main(
+                    [
+                        "--model",
+                        MODEL,
+                        "--mar",
+                        str(cached_mar),
+                        "--management",
+                        server.management_url,
+                        "--model-store",
+                        str(store),
+                        "--workers",
+                        str(args.workers),
+                        "--state-file",
+                        str(out / ".layercache-swap.json"),
+                        *quiet,
+                    ]
+                )
                 swap_seconds = time.perf_counter() - t0
                 # A few more requests on the new default before the load stops.
                 target = load.count() + 2 * args.concurrency
@@ -551,8 +666,12 @@ def run_demo(args: DemoArgs, steps: Steps) -> str:
             _check(rc, "swap_version.py")
             ensure_workers(client, CACHED_VERSION, args.workers)
             swap_load = load.answers
-            logger.info("swap took %.1f s; %d of %d requests during it failed", swap_seconds,
-                        sum(a.status != 200 for a in swap_load), len(swap_load))
+            logger.info(
+                "swap took %.1f s; %d of %d requests during it failed",
+                swap_seconds,
+                sum(a.status != 200 for a in swap_load),
+                len(swap_load),
+            )
 
         with steps.step(f"7. send {len(eval_images)} evaluation requests to each version"):
             runs: dict[str, Run] = {}
@@ -565,15 +684,21 @@ def run_demo(args: DemoArgs, steps: Steps) -> str:
             after = measure(CACHED_VERSION, runs[CACHED_VERSION], eval_images, runs[VERSION], costs, total)
     except BaseException:
         if started:
-            logger.error("TorchServe logs at the failure (all of them in %s):\n%s", server.workdir,
-                         server.logs_text(max_chars=4000))
+            logger.error(
+                "TorchServe logs at the failure (all of them in %s):\n%s",
+                server.workdir,
+                server.logs_text(max_chars=4000),
+            )
         raise
     finally:
         if args.keep_running and started and server.workdir is not None:
             logger.warning(
                 "TorchServe keeps running (inference %s, management %s, metrics %s). Stop it with:\n"
                 "  TMPDIR=%s %s -m ts.model_server --stop --foreground",
-                server.inference_url, server.management_url, server.metrics_url, server.workdir / "tmp",
+                server.inference_url,
+                server.management_url,
+                server.metrics_url,
+                server.workdir / "tmp",
                 sys.executable,
             )
         else:
@@ -582,9 +707,18 @@ def run_demo(args: DemoArgs, steps: Steps) -> str:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     exit_order = [e["node"] for e in report["exits"]]
-    return summary_markdown(before, after, exit_order, args=args, traffic=traffic, swap_load=swap_load,
-                            swap_seconds=swap_seconds, report=report, steps=steps,
-                            report_md=report_dir / "report.md")
+    return summary_markdown(
+        before,
+        after,
+        exit_order,
+        args=args,
+        traffic=traffic,
+        swap_load=swap_load,
+        swap_seconds=swap_seconds,
+        report=report,
+        steps=steps,
+        report_md=report_dir / "report.md",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -615,8 +749,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "summary.md").write_text(text, encoding="utf-8")
     # The table is the demo's result: plain stdout, so `make demo > result.md` keeps it apart from the log.
     sys.stdout.write(text)
-    sys.stdout.write(f"\nSummary: {args.out / 'summary.md'}   build report: {args.out / 'report' / 'report.md'}   "
-                     f"whole demo: {time.perf_counter() - t0:.0f} s\n")
+    sys.stdout.write(
+        f"\nSummary: {args.out / 'summary.md'}   build report: {args.out / 'report' / 'report.md'}   "
+        f"whole demo: {time.perf_counter() - t0:.0f} s\n"
+    )
     sys.stdout.flush()
     return 0
 

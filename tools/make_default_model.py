@@ -71,15 +71,27 @@ def accuracy(model: torch.nn.Module, n: int = 2000) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="make_default_model.py", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-o", "--output", type=Path, default=Path("model-store/fashion.mar"),
-                   help="archive to write (default: model-store/fashion.mar)")
+    p = argparse.ArgumentParser(
+        prog="make_default_model.py",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("model-store/fashion.mar"),
+        help="archive to write (default: model-store/fashion.mar)",
+    )
     p.add_argument("--name", default="fashion", help="model name (default: fashion)")
     p.add_argument("--version", default="1.0", help="archive version (default: 1.0)")
-    p.add_argument("--train", action="store_true",
-                   help="train new weights instead of archiving the shipped ones (default: shipped, "
-                        "examples/fashion_cnn/fashion_cnn.pt, trained with --train-samples 20000 --epochs 2)")
+    p.add_argument(
+        "--train",
+        action="store_true",
+        help="train new weights instead of archiving the shipped ones (default: shipped, "
+        "examples/fashion_cnn/fashion_cnn.pt, trained with --train-samples 20000 --epochs 2)",
+    )
     p.add_argument("--train-samples", type=int, default=20000, help="training images used (default: 20000)")
     p.add_argument("--epochs", type=int, default=2, help="training epochs (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
@@ -100,13 +112,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.train:
             t0 = time.perf_counter()
             model = train(args.train_samples, args.epochs, args.seed)
-            logger.info("trained in %.0f s; accuracy on the last 2000 test images: %.2f%%",
-                        time.perf_counter() - t0, 100 * accuracy(model))
+            logger.info(
+                "trained in %.0f s; accuracy on the last 2000 test images: %.2f%%",
+                time.perf_counter() - t0,
+                100 * accuracy(model),
+            )
             weights = Path(tmp) / "fashion_cnn.pt"
             torch.save(model.state_dict(), weights)
         archive_classifier(
-            model_name=args.name, version=args.version, model_file=EXAMPLE / "fashion_cnn.py", weights=weights,
-            handler=EXAMPLE / "fashion_handler.py", output=args.output,
+            model_name=args.name,
+            version=args.version,
+            model_file=EXAMPLE / "fashion_cnn.py",
+            weights=weights,
+            handler=EXAMPLE / "fashion_handler.py",
+            output=args.output,
             extra_files=[EXAMPLE / "index_to_name.json"],
             config={"batchSize": 8, "maxBatchDelay": 20, "minWorkers": 1, "maxWorkers": 1},
             force=args.force,

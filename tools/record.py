@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no files under {args.images}")
     with tempfile.TemporaryDirectory(prefix="layercache-record-") as tmp:
         try:
-            loaded = open_mar(args.mar, Path(tmp), as_served=True,
-                              handler_overrides={"log_dir": str(args.log_dir.resolve())})
+            loaded = open_mar(
+                args.mar, Path(tmp), as_served=True, handler_overrides={"log_dir": str(args.log_dir.resolve())}
+            )
         except LayercacheError as exc:
             logger.error("%s", exc)
             return 1
@@ -95,8 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         recorder = handler.service.recorder
         if recorder is not None:
             recorder.close()
-            logger.info("recorded %d rows to %s (%d failed to record, %d dropped by the cap)",
-                        recorder.written_rows, args.log_dir, recorder.failed_rows, recorder.dropped_rows)
+            logger.info(
+                "recorded %d rows to %s (%d failed to record, %d dropped by the cap)",
+                recorder.written_rows,
+                args.log_dir,
+                recorder.failed_rows,
+                recorder.dropped_rows,
+            )
         logger.info("%d requests answered, %d rejected", ok, failed)
     return 0 if ok else 1
 

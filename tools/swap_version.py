@@ -94,9 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--model", required=True, help="name the model is served under (required)"
-    )
+    parser.add_argument("--model", required=True, help="name the model is served under (required)")
     parser.add_argument(
         "--mar",
         type=Path,
@@ -111,8 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--token",
         default=None,
-        help="management token from TorchServe's key_file.json, needed when token authorization is on "
-        "(default: none)",
+        help="management token from TorchServe's key_file.json, needed when token authorization is on (default: none)",
     )
     parser.add_argument(
         "--workers",
@@ -184,9 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> SwapArgs:
     ns = parser.parse_args(argv)
     if ns.rollback and ns.mar is not None:
-        parser.error(
-            "--rollback does not take --mar (use --to VERSION to pick the version)"
-        )
+        parser.error("--rollback does not take --mar (use --to VERSION to pick the version)")
     if not ns.rollback and ns.mar is None:
         parser.error("--mar is required unless --rollback is given")
     if ns.to is not None and not ns.rollback:
@@ -224,13 +219,9 @@ def read_state(path: Path) -> dict:
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:
-        raise ValueError(
-            f"state file {str(path)!r} is not valid JSON ({error}): fix or delete it"
-        ) from None
+        raise ValueError(f"state file {str(path)!r} is not valid JSON ({error}): fix or delete it") from None
     if not isinstance(state, dict):
-        raise TypeError(
-            f"state file {str(path)!r} does not hold a JSON object: fix or delete it"
-        )
+        raise TypeError(f"state file {str(path)!r} does not hold a JSON object: fix or delete it")
     return state
 
 
@@ -243,9 +234,7 @@ def write_state(path: Path, model: str, entry: dict) -> None:
     os.replace(tmp, path)
 
 
-def _entry(
-    args: SwapArgs, previous: str | None, current: str, previous_retired: bool
-) -> dict:
+def _entry(args: SwapArgs, previous: str | None, current: str, previous_retired: bool) -> dict:
     return {
         "previous": previous,
         "current": current,
@@ -263,15 +252,10 @@ def swap(args: SwapArgs, client: ManagementClient, version: str) -> None:
     old = client.default_version(args.model)
     # Checked here rather than left to TorchServe's 409: a refused file:// registration would still leave its
     # copy in the model store, and the next try would then fail on that file.
-    registered = (
-        {str(v.get("modelVersion")) for v in client.list_versions(args.model)}
-        if old
-        else set()
-    )
+    registered = {str(v.get("modelVersion")) for v in client.list_versions(args.model)} if old else set()
     if version == old:
         raise SwapError(
-            f"version {version} is already the default of {args.model!r}: archive the new model with another "
-            "--version"
+            f"version {version} is already the default of {args.model!r}: archive the new model with another --version"
         )
     if version in registered:
         raise SwapError(
@@ -290,9 +274,7 @@ def swap(args: SwapArgs, client: ManagementClient, version: str) -> None:
     client.register(url, args.model, initial_workers=args.workers)
     try:
         client.wait_ready(args.model, version, timeout_s=args.timeout_s)
-        logger.info(
-            "version %s READY after %.1f s", version, time.monotonic() - started
-        )
+        logger.info("version %s READY after %.1f s", version, time.monotonic() - started)
         # The archive's model-config.yaml (minWorkers/maxWorkers) caps initial_workers: scale up to --workers.
         described = {str(v.get("modelVersion")): v for v in client.list_versions(args.model)}
         if version in described and len(described[version].get("workers") or []) < args.workers:
@@ -305,9 +287,7 @@ def swap(args: SwapArgs, client: ManagementClient, version: str) -> None:
         try:
             client.unregister(args.model, version)
         except ManagementError as cleanup_error:
-            logger.warning(
-                "could not unregister %s %s: %s", args.model, version, cleanup_error
-            )
+            logger.warning("could not unregister %s %s: %s", args.model, version, cleanup_error)
         raise
     logger.info("default version of %s: %s -> %s", args.model, old or "(none)", version)
 
@@ -321,9 +301,7 @@ def swap(args: SwapArgs, client: ManagementClient, version: str) -> None:
         logger.info("unregistered %s %s", args.model, old)
 
 
-def rollback(
-    args: SwapArgs, client: ManagementClient, parser: argparse.ArgumentParser
-) -> None:
+def rollback(args: SwapArgs, client: ManagementClient, parser: argparse.ArgumentParser) -> None:
     """Make ``--to`` or the state file's previous default the default again, starting workers if it has none."""
     target = args.to
     if target is None:
@@ -379,9 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(format="%(message)s")
     logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
 
-    client = ManagementClient(
-        args.management, token=args.token, timeout_s=max(args.timeout_s, 10.0)
-    )
+    client = ManagementClient(args.management, token=args.token, timeout_s=max(args.timeout_s, 10.0))
     try:
         if args.rollback:
             rollback(args, client, parser)

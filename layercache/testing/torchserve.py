@@ -60,16 +60,12 @@ def require_torchserve() -> bool:
     if shutil.which(java) is None:
         missing.append(f"java ({java}, JDK 17)")
     if importlib.util.find_spec("ts") is None:
-        missing.append(
-            f"torchserve (pip install torchserve==0.12.0 for {sys.executable})"
-        )
+        missing.append(f"torchserve (pip install torchserve==0.12.0 for {sys.executable})")
     if not missing:
         return True
     message = f"{' and '.join(missing)} missing"
     if os.environ.get("CI") == "true":
-        raise RuntimeError(
-            f"{message}: CI must not skip the TorchServe integration tests"
-        )
+        raise RuntimeError(f"{message}: CI must not skip the TorchServe integration tests")
     import pytest  # only the test suite calls this; keep pytest out of the import of this module
 
     pytest.skip(message)
@@ -165,9 +161,7 @@ class TorchServeProcess:
         if self._process is not None:
             raise RuntimeError("this TorchServeProcess is already started")
         if not self.model_store.is_dir():
-            raise FileNotFoundError(
-                f"model store {str(self.model_store)!r} is not a directory"
-            )
+            raise FileNotFoundError(f"model store {str(self.model_store)!r} is not a directory")
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="layercache-ts-"))
         for sub in ("tmp", "temp", "logs"):
@@ -232,13 +226,9 @@ class TorchServeProcess:
         last = "no answer"
         while time.monotonic() < deadline:
             if self._process is not None and self._process.poll() is not None:
-                raise RuntimeError(
-                    f"TorchServe exited with code {self._process.returncode} while starting"
-                )
+                raise RuntimeError(f"TorchServe exited with code {self._process.returncode} while starting")
             try:
-                with urllib.request.urlopen(
-                    self.inference_url + "/ping", timeout=2
-                ) as response:
+                with urllib.request.urlopen(self.inference_url + "/ping", timeout=2) as response:
                     if response.status == 200:
                         return
                     last = f"HTTP {response.status}"
@@ -247,9 +237,7 @@ class TorchServeProcess:
             except (urllib.error.URLError, OSError) as error:
                 last = str(error)
             time.sleep(0.2)
-        raise RuntimeError(
-            f"TorchServe not healthy after {timeout_s:g} s (last /ping: {last})"
-        )
+        raise RuntimeError(f"TorchServe not healthy after {timeout_s:g} s (last /ping: {last})")
 
     def stop(self) -> None:
         """Stop the frontend (``--stop --foreground``), then kill whatever is left of its process group.
@@ -277,9 +265,7 @@ class TorchServeProcess:
                         check=False,
                     )
                 except subprocess.TimeoutExpired:
-                    logger.warning(
-                        "torchserve --stop timed out; killing the process group"
-                    )
+                    logger.warning("torchserve --stop timed out; killing the process group")
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -301,12 +287,7 @@ class TorchServeProcess:
             descriptions = client.list_versions(model)
         else:
             descriptions = [client.describe(model, version)]
-        return [
-            int(w["pid"])
-            for d in descriptions
-            for w in d.get("workers", [])
-            if w.get("pid")
-        ]
+        return [int(w["pid"]) for d in descriptions for w in d.get("workers", []) if w.get("pid")]
 
     def logs_text(self, max_chars: int = 20_000) -> str:
         """The tail of the wrapper output and TorchServe's logs, for failure reports."""

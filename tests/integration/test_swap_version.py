@@ -23,9 +23,7 @@ from layercache.testing.torchserve import TorchServeProcess, require_torchserve
 
 MODEL = "tiny"
 REQUEST_TIMEOUT_S = 15.0
-LOAD_LIMIT_S = (
-    75.0  # the request thread stops by itself after this long, whatever happens
-)
+LOAD_LIMIT_S = 75.0  # the request thread stops by itself after this long, whatever happens
 
 MODEL_FILE = """\
 import torch
@@ -99,9 +97,7 @@ class Load:
                 headers={"Content-Type": "image/png"},
             )
             try:
-                with urllib.request.urlopen(
-                    request, timeout=REQUEST_TIMEOUT_S
-                ) as response:
+                with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
                     answer = json.loads(response.read())
                     result = (response.status, max(answer, key=answer.get))
             except urllib.error.HTTPError as error:
@@ -121,15 +117,11 @@ class Load:
         deadline = time.monotonic() + timeout_s
         while len(self.snapshot()) < target:
             if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"only {len(self.snapshot())} of {target} answers after {timeout_s} s"
-                )
+                raise AssertionError(f"only {len(self.snapshot())} of {target} answers after {timeout_s} s")
             time.sleep(0.05)
 
 
-def test_swap_under_load_then_rollback(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_swap_under_load_then_rollback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     require_torchserve()
     from tools.swap_version import STATE_FILE, main
 
@@ -161,9 +153,7 @@ def test_swap_under_load_then_rollback(
                 "--management",
                 server.management_url,
             ]
-            assert (
-                main([*swap_args, "--model-store", str(store), "--timeout", "60"]) == 0
-            )
+            assert main([*swap_args, "--model-store", str(store), "--timeout", "60"]) == 0
             assert client.default_version(MODEL) == "2.0"
             versions = {v["modelVersion"]: v for v in client.list_versions(MODEL)}
             assert set(versions) == {
@@ -192,15 +182,11 @@ def test_swap_under_load_then_rollback(
         finally:
             load.stop.set()
             thread.join(timeout=REQUEST_TIMEOUT_S + 5)
-        assert server.worker_pids(MODEL, "all"), (
-            "workers of both versions should still run"
-        )
+        assert server.worker_pids(MODEL, "all"), "workers of both versions should still run"
 
     results = load.snapshot()
     failures = [r for r in results if r[0] != 200]
-    assert not failures, (
-        f"{len(failures)} of {len(results)} requests failed during the swap: {failures[:5]}"
-    )
+    assert not failures, f"{len(failures)} of {len(results)} requests failed during the swap: {failures[:5]}"
     classes = [top for _, top in results]
     # 1.0 answers until the switch, then only 2.0 until the rollback, then only 1.0.
     assert set(classes[:3]) == {"1"}

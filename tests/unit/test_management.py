@@ -44,10 +44,7 @@ BAD_TOKEN = {
 
 
 def _model(version: str, *statuses: str) -> dict:
-    workers = [
-        {"id": str(9000 + i), "status": s, "pid": 100 + i}
-        for i, s in enumerate(statuses)
-    ]
+    workers = [{"id": str(9000 + i), "status": s, "pid": 100 + i} for i, s in enumerate(statuses)]
     return {"modelName": "tiny", "modelVersion": version, "workers": workers}
 
 
@@ -129,9 +126,7 @@ def client(fake: FakeManagement) -> ManagementClient:
 
 
 # -- error mapping --------------------------------------------------------------------------------------------
-def test_register_with_model_api_off_hints_enable_model_api(
-    fake: FakeManagement, client: ManagementClient
-) -> None:
+def test_register_with_model_api_off_hints_enable_model_api(fake: FakeManagement, client: ManagementClient) -> None:
     fake.route("POST", "/models", (405, METHOD_NOT_ALLOWED))
     with pytest.raises(ManagementError, match="enable_model_api=true") as info:
         client.register("tiny_v1.mar", "tiny")
@@ -140,9 +135,7 @@ def test_register_with_model_api_off_hints_enable_model_api(
     assert "HTTP 405" in str(info.value)
 
 
-def test_register_same_version_twice_is_a_conflict(
-    fake: FakeManagement, client: ManagementClient
-) -> None:
+def test_register_same_version_twice_is_a_conflict(fake: FakeManagement, client: ManagementClient) -> None:
     fake.route("POST", "/models", (409, CONFLICT))
     with pytest.raises(ManagementError, match="archive with another --version") as info:
         client.register("tiny_v1.mar", "tiny")
@@ -150,13 +143,9 @@ def test_register_same_version_twice_is_a_conflict(
     assert "already registered for model tiny" in str(info.value)
 
 
-def test_unknown_model_is_404_with_listing_hint(
-    fake: FakeManagement, client: ManagementClient
-) -> None:
+def test_unknown_model_is_404_with_listing_hint(fake: FakeManagement, client: ManagementClient) -> None:
     fake.route("GET", "/models/tiny/1.0", (404, NOT_FOUND))
-    with pytest.raises(
-        ManagementError, match=r"HTTP 404: Model not found: tiny\. Hint: list"
-    ) as info:
+    with pytest.raises(ManagementError, match=r"HTTP 404: Model not found: tiny\. Hint: list") as info:
         client.describe("tiny", "1.0")
     assert info.value.status == 404
 
@@ -182,17 +171,13 @@ def test_register_of_archive_outside_the_store_hints_model_store(
 
 def test_token_failure_hints_token(fake: FakeManagement) -> None:
     fake.route("GET", "/models/tiny/all", (400, BAD_TOKEN))
-    with pytest.raises(
-        ManagementError, match="pass --token or set disable_token_authorization=true"
-    ) as info:
+    with pytest.raises(ManagementError, match="pass --token or set disable_token_authorization=true") as info:
         ManagementClient(fake.url, token="s3cret", timeout_s=5).list_versions("tiny")
     assert info.value.status == 400
     assert fake.requests[0][3]["Authorization"] == "Bearer s3cret"
 
 
-def test_unregistering_the_default_hints_set_default(
-    fake: FakeManagement, client: ManagementClient
-) -> None:
+def test_unregistering_the_default_hints_set_default(fake: FakeManagement, client: ManagementClient) -> None:
     fake.route(
         "DELETE",
         "/models/tiny/1.0",
@@ -219,13 +204,9 @@ def test_unreachable_server_has_no_status() -> None:
 
 
 # -- requests sent --------------------------------------------------------------------------------------------
-def test_register_sends_synchronous_query(
-    fake: FakeManagement, client: ManagementClient
-) -> None:
+def test_register_sends_synchronous_query(fake: FakeManagement, client: ManagementClient) -> None:
     fake.route("POST", "/models", (200, {"status": "registered"}))
-    client.register(
-        "tiny v1.mar", "tiny", initial_workers=2, batch_size=8, max_batch_delay_ms=50
-    )
+    client.register("tiny v1.mar", "tiny", initial_workers=2, batch_size=8, max_batch_delay_ms=50)
     method, path, query, _ = fake.requests[0]
     assert (method, path) == ("POST", "/models")
     assert query == {
@@ -238,9 +219,7 @@ def test_register_sends_synchronous_query(
     }
 
 
-def test_set_default_unregister_scale_paths(
-    fake: FakeManagement, client: ManagementClient
-) -> None:
+def test_set_default_unregister_scale_paths(fake: FakeManagement, client: ManagementClient) -> None:
     fake.route("PUT", "/models/tiny/2.0/set-default", (200, {"status": "ok"}))
     fake.route("DELETE", "/models/tiny/1.0", (200, {"status": "ok"}))
     fake.route("PUT", "/models/tiny/1.0", (200, {"status": "ok"}))
@@ -266,9 +245,7 @@ def test_set_default_unregister_scale_paths(
 
 
 # -- wait_ready -----------------------------------------------------------------------------------------------
-def test_wait_ready_polls_until_a_worker_is_ready(
-    fake: FakeManagement, client: ManagementClient
-) -> None:
+def test_wait_ready_polls_until_a_worker_is_ready(fake: FakeManagement, client: ManagementClient) -> None:
     fake.route(
         "GET",
         "/models/tiny/2.0",
@@ -280,9 +257,7 @@ def test_wait_ready_polls_until_a_worker_is_ready(
     assert fake.calls() == [("GET", "/models/tiny/2.0")] * 3
 
 
-def test_wait_ready_times_out_with_statuses(
-    fake: FakeManagement, client: ManagementClient
-) -> None:
+def test_wait_ready_times_out_with_statuses(fake: FakeManagement, client: ManagementClient) -> None:
     fake.route("GET", "/models/tiny/2.0", (200, [_model("2.0", "LOADING")]))
     with pytest.raises(
         ManagementError,
@@ -292,9 +267,7 @@ def test_wait_ready_times_out_with_statuses(
     assert 2 <= len(fake.requests) <= 40
 
 
-def test_wait_ready_on_unknown_version_fails_at_once(
-    fake: FakeManagement, client: ManagementClient
-) -> None:
+def test_wait_ready_on_unknown_version_fails_at_once(fake: FakeManagement, client: ManagementClient) -> None:
     fake.route("GET", "/models/tiny/3.0", (404, NOT_FOUND))
     with pytest.raises(ManagementError) as info:
         client.wait_ready("tiny", "3.0", timeout_s=10)
@@ -317,9 +290,7 @@ def test_default_version_without_is_default_field_asks_the_default_route(
     assert [v["modelVersion"] for v in client.list_versions("tiny")] == ["1.0", "2.0"]
 
 
-def test_default_version_uses_is_default_when_present(
-    fake: FakeManagement, client: ManagementClient
-) -> None:
+def test_default_version_uses_is_default_when_present(fake: FakeManagement, client: ManagementClient) -> None:
     versions = [
         dict(_model("1.0"), isDefault=False),
         dict(_model("2.0"), isDefault=True),
@@ -329,9 +300,7 @@ def test_default_version_uses_is_default_when_present(
     assert fake.calls() == [("GET", "/models/tiny/all")]
 
 
-def test_default_version_of_unregistered_model_is_none(
-    fake: FakeManagement, client: ManagementClient
-) -> None:
+def test_default_version_of_unregistered_model_is_none(fake: FakeManagement, client: ManagementClient) -> None:
     fake.route("GET", "/models/tiny/all", (404, NOT_FOUND))
     assert client.default_version("tiny") is None
 
@@ -363,9 +332,7 @@ def test_mar_version_reads_the_manifest(tmp_path: Path) -> None:
         ),
     ],
 )
-def test_mar_version_errors(
-    tmp_path: Path, manifest: object | None, match: str
-) -> None:
+def test_mar_version_errors(tmp_path: Path, manifest: object | None, match: str) -> None:
     with pytest.raises(ArchiveError, match=match):
         mar_version(_write_mar(tmp_path / "a.mar", manifest))
 
@@ -384,24 +351,17 @@ def test_archive_url_by_file_name_inside_the_store_else_file_uri(
     store = tmp_path / "store"
     store.mkdir()
     assert archive_url(store / "a.mar", store) == "a.mar"
-    assert (
-        archive_url(tmp_path / "a.mar", store)
-        == (tmp_path / "a.mar").resolve().as_uri()
-    )
+    assert archive_url(tmp_path / "a.mar", store) == (tmp_path / "a.mar").resolve().as_uri()
     assert archive_url(store / "sub" / "a.mar", store).startswith("file://")
 
 
 # -- tools/swap_version.py over the fake server -------------------------------------------------------------------
-def test_swap_then_rollback_over_fake_server(
-    fake: FakeManagement, tmp_path: Path
-) -> None:
+def test_swap_then_rollback_over_fake_server(fake: FakeManagement, tmp_path: Path) -> None:
     from tools.swap_version import main
 
     store = tmp_path / "store"
     store.mkdir()
-    mar = _write_mar(
-        store / "tiny_v2.mar", {"model": {"modelName": "tiny", "modelVersion": "2.0"}}
-    )
+    mar = _write_mar(store / "tiny_v2.mar", {"model": {"modelName": "tiny", "modelVersion": "2.0"}})
     state = tmp_path / "state.json"
     fake.route("GET", "/models/tiny/all", (200, [_model("1.0", "READY")]))
     fake.route("GET", "/models/tiny", (200, [_model("1.0", "READY")]))
@@ -423,15 +383,8 @@ def test_swap_then_rollback_over_fake_server(
         "--quiet",
     ]
 
-    assert (
-        main(
-            [*common, "--mar", str(mar), "--model-store", str(store), "--timeout", "10"]
-        )
-        == 0
-    )
-    posts = [
-        (path, query) for method, path, query, _ in fake.requests if method == "POST"
-    ]
+    assert main([*common, "--mar", str(mar), "--model-store", str(store), "--timeout", "10"]) == 0
+    posts = [(path, query) for method, path, query, _ in fake.requests if method == "POST"]
     assert posts == [
         (
             "/models",
@@ -467,9 +420,7 @@ def test_swap_then_rollback_over_fake_server(
 def test_swap_exit_codes(fake: FakeManagement, tmp_path: Path) -> None:
     from tools.swap_version import main
 
-    mar = _write_mar(
-        tmp_path / "tiny.mar", {"model": {"modelName": "tiny", "modelVersion": "1.0"}}
-    )
+    mar = _write_mar(tmp_path / "tiny.mar", {"model": {"modelName": "tiny", "modelVersion": "1.0"}})
     fake.route("GET", "/models/tiny/all", (404, NOT_FOUND))
     fake.route("POST", "/models", (405, METHOD_NOT_ALLOWED))
     base = [
@@ -494,9 +445,7 @@ def test_swap_to_an_already_registered_version_is_refused_before_registering(
 ) -> None:
     from tools.swap_version import main
 
-    mar = _write_mar(
-        tmp_path / "tiny.mar", {"model": {"modelName": "tiny", "modelVersion": "2.0"}}
-    )
+    mar = _write_mar(tmp_path / "tiny.mar", {"model": {"modelName": "tiny", "modelVersion": "2.0"}})
     fake.route(
         "GET",
         "/models/tiny/all",
