@@ -7,7 +7,7 @@ activations, so the backbone and the other heads cannot be modified here; only `
 Example::
 
     result = train_head(build_head(spec, (64, 8, 8), 10), x_tr, p_tr, x_va, p_va)
-    print(result.val_agreement)
+    result.val_agreement  # agreement with the backbone on the validation split
 """
 
 from __future__ import annotations

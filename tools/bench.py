@@ -34,6 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from layercache.archive import archive_classifier, wrap_for_recording  # noqa: E402
@@ -477,6 +478,11 @@ def markdown(res: dict[str, Any], command: str) -> str:
             f"{len(b['exits'])} exits: " + ", ".join(f"`{e['node']}` ({e['head']})" for e in b["exits"]),
             "",
         ]
+    if res.get("log_bytes_per_row"):
+        lines += [
+            f"Recorded traffic on disk (Parquet, zstd): {res['log_bytes_per_row'] / 1024:.2f} KB per request.",
+            "",
+        ]
     if res.get("trunk"):
         t = res["trunk"]
         lines += [
@@ -610,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rebuild or not paths["cached"].exists():
         res["build"] = record_and_build(paths, args.tolerance, args.cost)
     report = json.loads((paths["report"] / "report.json").read_text())
+    parts = sorted(paths["logs"].glob("part-*.parquet"))
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+    res["log_bytes_per_row"] = sum(p.stat().st_size for p in parts) / rows if rows else None
     res["build"] = {**report, **{k: v for k, v in res.get("build", {}).items() if k.startswith("bench_")}}
 
     def save() -> None:
