@@ -148,6 +148,7 @@ class CacheSpec:
     tolerance: float = 0.0
     format_version: int = 1
     shrink: bool = True
+    policy: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

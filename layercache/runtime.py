@@ -27,6 +27,19 @@ logger = logging.getLogger(__name__)
 
 BACKBONE = "backbone"
 BACKBONE_EXIT = -1
+MODES = ("shrink", "noshrink", "backbone")
+
+
+def validate_policy(policy: Mapping[str, str]) -> dict[str, str]:
+    """Check a ``{"<min batch>": mode}`` policy; returns a plain dict."""
+    out = {}
+    for k, v in policy.items():
+        if not str(k).isdigit() or int(k) < 1:
+            raise ConfigError(f"policy key {k!r} must be a batch size >= 1 written as a string, e.g. '32'")
+        if v not in MODES:
+            raise ConfigError(f"policy mode {v!r} for batch {k} is not one of {MODES}")
+        out[str(int(k))] = v
+    return out
 
 
 def pool_activation(t: torch.Tensor) -> torch.Tensor:
@@ -67,6 +80,9 @@ class CachedModel(nn.Module):
         thresholds: confidence threshold of each head; ``inf`` disables a head.
         shrink: drop answered rows from the batch (Algorithm 1). Without shrinking, all rows go on through the
             backbone and answered rows only take the head's answer (useful where shrinking does not pay).
+        policy: per batch size, the mode measured fastest on this device (see :func:`measure_policy`):
+            ``{"<min batch>": "shrink" | "noshrink" | "backbone"}``; a batch uses the entry with the largest
+            min batch <= its size; no entry means ``shrink`` (or ``noshrink`` when ``shrink`` is False).
 
     Example:
         >>> model = CachedModel.from_spec(backbone, spec, heads_state)
@@ -82,6 +98,7 @@ class CachedModel(nn.Module):
         thresholds: Sequence[float],
         *,
         shrink: bool = True,
+        policy: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         n = len(heads)
@@ -97,6 +114,7 @@ class CachedModel(nn.Module):
         self.temperatures = tuple(float(t) for t in temperatures)
         self.thresholds = tuple(float(t) for t in thresholds)
         self.shrink = shrink
+        self.policy = validate_policy(policy or {})
 
     @classmethod
     def from_spec(
@@ -135,6 +153,7 @@ class CachedModel(nn.Module):
             [e.temperature for e in spec.exits],
             [e.threshold for e in spec.exits],
             shrink=spec.shrink,
+            policy=spec.policy,
         )
         return model.eval()
 
@@ -142,9 +161,36 @@ class CachedModel(nn.Module):
         """Logits in request order (see :class:`CachedOutput`)."""
         return self.run(x).logits
 
-    def run(self, x: torch.Tensor) -> CachedOutput:
-        """Algorithm 1: segments in order; after each head resolve the confident rows and shrink the batch."""
+    def mode_for(self, batch: int) -> str:
+        """The mode this model uses for a batch of ``batch`` rows (policy, else shrink / noshrink)."""
+        mode = "shrink" if self.shrink else "noshrink"
+        for min_batch, m in self._policy_steps:
+            if batch >= min_batch:
+                mode = m
+        return mode
+
+    @property
+    def _policy_steps(self) -> list[tuple[int, str]]:
+        return sorted((int(k), v) for k, v in self.policy.items())
+
+    def run(self, x: torch.Tensor, mode: str | None = None) -> CachedOutput:
+        """Algorithm 1: segments in order; after each head resolve the confident rows and shrink the batch.
+
+        Args:
+            x: the batch.
+            mode: ``shrink``, ``noshrink`` or ``backbone`` (heads skipped); default :meth:`mode_for`.
+        """
         batch = x.shape[0]
+        mode = mode or self.mode_for(batch)
+        if mode not in MODES:
+            raise ConfigError(f"mode {mode!r} is not one of {MODES}")
+        if mode == "backbone":
+            h = x
+            for seg in self.segments:
+                h = seg(h)
+            index = torch.full((batch,), BACKBONE_EXIT, dtype=torch.long, device=x.device)
+            return CachedOutput(h, index, tuple([batch] * len(self.segments)))
+        shrink = mode == "shrink"
         device = x.device
         exit_index = torch.full((batch,), BACKBONE_EXIT, dtype=torch.long, device=device)
         remaining = torch.arange(batch, device=device)
@@ -161,7 +207,7 @@ class CachedModel(nn.Module):
             logp = F.log_softmax(head(h) / self.temperatures[i], dim=1)
             conf = logp.max(dim=1).values.exp()
             hit = conf >= threshold
-            if self.shrink:
+            if shrink:
                 n_hit = int(hit.sum())
                 if n_hit == 0:
                     continue
@@ -185,7 +231,7 @@ class CachedModel(nn.Module):
             for seg in self.segments[len(sizes) - 1 :]:
                 h = seg(h)
             out = torch.empty((batch, h.shape[1]), dtype=h.dtype, device=device)
-            if self.shrink:
+            if shrink:
                 out[remaining] = h
             else:
                 out.copy_(h)
@@ -243,3 +289,41 @@ def weights_fingerprint(model: nn.Module) -> str:
         h.update(str(t.dtype).encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+@torch.inference_mode()
+def measure_policy(
+    model: CachedModel,
+    inputs: torch.Tensor,
+    batch_sizes: Sequence[int] = (1, 8, 16, 32, 64, 128),
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict[str, str]:
+    """Time ``shrink``, ``noshrink`` and ``backbone`` on real inputs for each batch size, interleaved, and keep the
+    fastest (median) per size: on the device it runs on, the model then knows where shrinking or the heads do not
+    pay (e.g. a launch-bound GPU) instead of assuming that fewer FLOPs mean less time.
+
+    Returns:
+        A policy for :class:`CachedModel` / :class:`~layercache.config.CacheSpec` (``{"<batch>": mode}``).
+    """
+    import time
+
+    gen = torch.Generator().manual_seed(seed)
+    policy: dict[str, str] = {}
+    for b in batch_sizes:
+        times: dict[str, list[float]] = {m: [] for m in MODES}
+        for _ in range(repeats):
+            idx = torch.randint(0, inputs.shape[0], (b,), generator=gen)
+            xb = inputs[idx].to(next(model.parameters()).device).contiguous()
+            for m in MODES:
+                model.run(xb, m)  # warm-up of this shape
+            for m in MODES:
+                t0 = time.perf_counter()
+                out = model.run(xb, m)
+                if out.logits.is_cuda:
+                    torch.cuda.synchronize()
+                times[m].append(time.perf_counter() - t0)
+        medians = {m: sorted(t)[len(t) // 2] for m, t in times.items()}
+        policy[str(b)] = min(medians, key=medians.get)
+        logger.info("batch %d: %s", b, ", ".join(f"{m} {1e3 * t:.1f} ms" for m, t in medians.items()))
+    return policy

@@ -8,6 +8,7 @@ is measured on. Sections (``--sections``):
 * ``tables``: Table 2 (per exit), Table 3 (FLOPs, oracle), Table 4 (size, live tensor memory).
 * ``latency``: Table 5/6, model latency per batch at batch 1..128 on this CPU, original and cached interleaved.
 * ``overhead``: cached model whose heads never fire vs original (the price of the heads).
+* ``policy``: the per-batch-size mode (shrink / noshrink / backbone) ``build_cache.py --policy`` would pick here.
 * ``serving``: closed-loop load through TorchServe, original vs cached vs recording, several concurrencies.
 * ``tradeoff``: accuracy/FLOPs across tolerances (one search, thresholds and selection per tolerance).
 
@@ -48,7 +49,7 @@ logger = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "resnet18_fmnist"
 SHARED = ROOT.parent / "shared" / "backbones" / "resnet18_fmnist.fp16.pt"
-SECTIONS = ("trunk", "tables", "latency", "overhead", "serving", "tradeoff")
+SECTIONS = ("trunk", "tables", "latency", "overhead", "policy", "serving", "tradeoff")
 BATCHES = (1, 8, 16, 32, 64, 128)
 TOLERANCES = (0.0025, 0.005, 0.01, 0.02, 0.05)
 
@@ -548,6 +549,15 @@ def markdown(res: dict[str, Any], command: str) -> str:
                     f"-{r['cached_range_ms'][1]:.1f}) | {r['ratio']:.3f} |"
                 )
             lines.append("")
+    if res.get("policy"):
+        lines += [
+            "### Per-batch-size policy measured on this machine (`build_cache.py --policy`)",
+            "",
+            "| batch | " + " | ".join(res["policy"]) + " |",
+            "|---|" + "---|" * len(res["policy"]),
+            "| mode | " + " | ".join(res["policy"].values()) + " |",
+            "",
+        ]
     if res.get("serving"):
         lines += [
             "### TorchServe end to end (closed loop, medians)",
@@ -626,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
 
     save()
     with tempfile.TemporaryDirectory() as tmp:
-        models = Models(paths, Path(tmp)) if {"tables", "latency", "overhead"} & set(sections) else None
+        models = Models(paths, Path(tmp)) if {"tables", "latency", "overhead", "policy"} & set(sections) else None
         if "tables" in sections:
             res["tables"] = tables(models, report)
             save()
@@ -639,6 +649,11 @@ def main(argv: list[str] | None = None) -> int:
                 for r in latency(models, args.repeats, cached=models.never_fire().run)
                 if r["batch"] in (1, 8, 32, 128)
             ]
+        if "policy" in sections:
+            from layercache.runtime import measure_policy
+
+            res["policy"] = measure_policy(models.cached, models.x, repeats=args.repeats)
+            save()
     if {"trunk", "serving"} & set(sections):
         conc = [int(c) for c in args.concurrency.split(",")] if "serving" in sections else []
         served = serve(paths, report, conc, args.repeats if conc else 0, args.requests)

@@ -8,6 +8,7 @@ the backbone's outputs, calibrates them (temperature scaling), sets thresholds f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import resource
@@ -27,7 +28,7 @@ from layercache.config import HandlerConfig  # noqa: E402
 from layercache.errors import LayercacheError  # noqa: E402
 from layercache.logs import compact, decode_inputs, read_logs  # noqa: E402
 from layercache.report import write_report  # noqa: E402
-from layercache.runtime import heads_state_dict  # noqa: E402
+from layercache.runtime import CachedModel, heads_state_dict, measure_policy  # noqa: E402
 from layercache.torchserve_adapter import open_mar  # noqa: E402
 from layercache.training import TrainConfig  # noqa: E402
 
@@ -68,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("flops", "latency"),
         default="flops",
         help="select the head subset by FLOPs or by latency measured on this device (default: flops)",
+    )
+    p.add_argument(
+        "--policy",
+        action="store_true",
+        help="time shrink / no-shrink / backbone-only per batch size (1-128) on this device and store the "
+        "fastest in the cache, so the cached model skips what does not pay here (default: off: "
+        "always shrink)",
     )
     p.add_argument("--layers", default=None, help="comma-separated candidate fx node names (default: automatic)")
     p.add_argument("--list-layers", action="store_true", help="print the candidate and all cuttable layers, then exit")
@@ -145,6 +153,13 @@ def _run(args: argparse.Namespace, t0: float) -> int:
         result = build_cache(backbone, table, config, index_to_name=index_to_name, progress=progress)
         heads_file = Path(tmp) / "heads.pt"
         torch.save(heads_state_dict(result.heads), heads_file)
+        spec = result.spec
+        if args.policy and spec.exits:
+            model = CachedModel.from_spec(backbone, spec, heads_state_dict(result.heads))
+            sample = torch.from_numpy(decode_inputs(table.slice(0, min(table.num_rows, 512)))).float()
+            spec = dataclasses.replace(spec, policy=measure_policy(model, sample))
+            result.report["policy"] = spec.policy
+            logger.info("policy measured on this device: %s", spec.policy)
         version = args.version or f"{info.version}-cached"
         log_dir = str(args.log_dir.resolve()) if args.log_dir else None
         if log_dir is None and info.mode is not None:
@@ -153,7 +168,7 @@ def _run(args: argparse.Namespace, t0: float) -> int:
         package_cached(
             args.mar,
             args.output,
-            spec_json=result.spec.to_json(),
+            spec_json=spec.to_json(),
             heads_file=heads_file,
             handler_config=handler_cfg,
             version=version,

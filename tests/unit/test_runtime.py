@@ -282,3 +282,50 @@ def test_weights_fingerprint_tracks_every_weight() -> None:
 def test_exit_names() -> None:
     assert exit_names(["a.1", "b"], torch.tensor([-1, 0, 1, 0])) == ["backbone", "a.1", "b", "a.1"]
     assert exit_names([], torch.tensor([-1])) == ["backbone"]
+
+
+# --- per-batch-size policy -----------------------------------------------------------------------------------
+def test_policy_picks_mode_by_batch_size_and_backbone_mode_skips_heads() -> None:
+    from layercache.runtime import validate_policy
+
+    torch.manual_seed(0)
+    backbone = _policy_backbone()
+    segments = split(backbone, ["1"])
+    head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+    with torch.no_grad():
+        head[1].weight.zero_()
+        head[1].bias.copy_(torch.tensor([10.0, 0.0, 0.0]))  # always confident: every row exits at the head
+    model = CachedModel(segments, [head], ["1"], [1.0], [0.5], policy={"1": "shrink", "4": "backbone"}).eval()
+    assert model.mode_for(1) == "shrink" and model.mode_for(3) == "shrink"
+    assert model.mode_for(4) == "backbone" and model.mode_for(100) == "backbone"
+    x = torch.randn(5, 3, 4, 4)
+    with torch.inference_mode():
+        small = model.run(x[:2])
+        big = model.run(x)
+        expected = backbone(x)
+    assert small.exit_index.tolist() == [0, 0]
+    assert big.exit_index.tolist() == [-1] * 5
+    assert torch.equal(big.logits, expected)
+    with pytest.raises(ConfigError, match="policy mode 'fast'"):
+        validate_policy({"8": "fast"})
+    with pytest.raises(ConfigError, match="batch size"):
+        validate_policy({"zero": "shrink"})
+
+
+def test_measure_policy_returns_a_valid_mode_per_batch_size() -> None:
+    from layercache.runtime import MODES, measure_policy
+
+    torch.manual_seed(0)
+    backbone = _policy_backbone()
+    head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+    model = CachedModel(split(backbone, ["1"]), [head], ["1"], [1.0], [0.9]).eval()
+    policy = measure_policy(model, torch.randn(16, 3, 4, 4), batch_sizes=(1, 4), repeats=1)
+    assert set(policy) == {"1", "4"} and set(policy.values()) <= set(MODES)
+    model.policy = policy
+    assert model.mode_for(4) == policy["4"]
+
+
+def _policy_backbone() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(128, 3)
+    ).eval()

@@ -11,6 +11,7 @@ import logging
 import re
 import runpy
 import sys
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -92,6 +93,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pat
                     "30",
                     "--tolerance",
                     "0.2",
+                    "--policy",
                     "--quiet",
                 ]
             )
@@ -156,6 +158,11 @@ def test_build_report_and_spec(pipeline: dict[str, Path]) -> None:
     assert (pipeline["report"] / "report.md").is_file()
     assert [c["node"] for c in report["candidates"]][:2] == ["layer1.0.relu_1", "layer1.1.relu_1"]
     assert len(list(pipeline["report"].glob("head_*.png"))) == sum(bool(c["curve"]) for c in report["candidates"])
+    # --policy measured a mode per batch size on this machine and the archive carries it.
+    assert set(report["policy"]) == {"1", "8", "16", "32", "64", "128"}
+    assert set(report["policy"].values()) <= {"shrink", "noshrink", "backbone"}
+    with zipfile.ZipFile(pipeline["cached"]) as zf:
+        assert json.loads(zf.read("layercache_cache.json"))["policy"] == report["policy"]
 
 
 def test_cached_archive_answers_every_image_with_an_exit_header(pipeline: dict[str, Path], tmp_path: Path) -> None:
