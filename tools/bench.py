@@ -42,6 +42,7 @@ from layercache.archive import archive_classifier, wrap_for_recording  # noqa: E
 from layercache.cli import progress, setup_logging  # noqa: E402
 from layercache.config import HandlerConfig  # noqa: E402
 from layercache.datasets import load_fashion_mnist, write_image_folder  # noqa: E402
+from layercache.entry import tool_main  # noqa: E402
 from layercache.runtime import BACKBONE, CachedModel  # noqa: E402
 from layercache.torchserve_adapter import EXIT_HEADER, open_mar  # noqa: E402
 
@@ -104,8 +105,7 @@ def prepare(out: Path, traffic: int, evaluate: int) -> dict[str, Path]:
 
 def record_and_build(paths: dict[str, Path], tolerance: float, cost: str) -> dict[str, Any]:
     """tools/record.py over the traffic images, then tools/build_cache.py (both in-process, as a user runs them)."""
-    from tools.build_cache import main as build_cache_main
-    from tools.record import main as record_main
+    build_cache_main, record_main = tool_main("tools/build_cache.py"), tool_main("tools/record.py")
 
     if not any(paths["logs"].glob("*.parquet")):
         rc = record_main(

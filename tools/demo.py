@@ -31,13 +31,13 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from layercache.entry import tool_module  # noqa: E402 - after the path fix
 from layercache.errors import LayercacheError  # noqa: E402 - after the path fix; imports no torch
 from layercache.management import ManagementClient  # noqa: E402 - standard library only
 
@@ -492,18 +492,6 @@ def prepare_out(out: Path) -> None:
     (out / MARKER).write_text("made by tools/demo.py; the demo cleans and reuses this folder\n", encoding="utf-8")
 
 
-def _tool(rel: str) -> ModuleType:
-    """Import one of the repository's command files by path (``tools/`` and ``archiver/`` are not packages)."""
-    path = ROOT / rel
-    spec = importlib.util.spec_from_file_location(f"layercache_demo_{path.stem}", path)
-    if spec is None or spec.loader is None:
-        raise DemoError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def check_prerequisites() -> None:
     """Java and the torchserve package, checked before anything is written (``make install`` provides both)."""
     java_home = os.environ.get("JAVA_HOME")
@@ -543,8 +531,8 @@ def run_demo(args: DemoArgs, steps: Steps) -> str:
     """All steps; returns the summary Markdown. TorchServe is stopped on the way out unless --keep-running."""
     from layercache.testing.torchserve import TorchServeProcess
 
-    make_default_model, wrap_mar = _tool("tools/make_default_model.py"), _tool("archiver/wrap_mar.py")
-    build_cache, swap_version = _tool("tools/build_cache.py"), _tool("tools/swap_version.py")
+    make_default_model, wrap_mar = tool_module("tools/make_default_model.py"), tool_module("archiver/wrap_mar.py")
+    build_cache, swap_version = tool_module("tools/build_cache.py"), tool_module("tools/swap_version.py")
 
     out = args.out.resolve()
     store, logs, report_dir = out / "model-store", out / "logs", out / "report"

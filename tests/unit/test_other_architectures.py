@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import runpy
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from layercache.archive import archive_classifier
 from layercache.build import BuildConfig, build_cache
 from layercache.config import CACHE_SPEC_FILE, CacheSpec
 from layercache.datasets import load_fashion_mnist, write_image_folder
+from layercache.entry import tool_main
 from layercache.logs import act_nodes_of, encode_batch, make_schema, read_logs
 from layercache.runtime import CachedModel, heads_state_dict, weights_fingerprint
 from layercache.torchserve_adapter import EXIT_HEADER, open_mar, run_offline
@@ -82,8 +81,7 @@ class PngHandler(ImageClassifier):
 '''
 
 
-def tool(rel: str) -> Callable[[list[str]], int]:
-    return runpy.run_path(str(ROOT / rel), run_name="layercache_tool")["main"]
+tool = tool_main
 
 
 def write_model(arch: str, builder: str, out: Path) -> tuple[Path, torch.nn.Module]:

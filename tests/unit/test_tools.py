@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import re
-import runpy
 import sys
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from layercache.archive import CACHED_HANDLER, RECORDING_HANDLER, read_mar
 from layercache.config import CACHE_SPEC_FILE, CacheSpec
 from layercache.datasets import load_fashion_mnist, write_image_folder
+from layercache.entry import tool_main
 from layercache.logs import act_nodes_of, read_logs
 from layercache.torchserve_adapter import EXIT_HEADER, open_mar, run_offline
 
@@ -36,8 +36,7 @@ TOOLS = [
 IMAGES = 200
 
 
-def tool(rel: str) -> Callable[[list[str]], int]:
-    return runpy.run_path(str(ROOT / rel), run_name="layercache_tool")["main"]
+tool = tool_main
 
 
 @pytest.fixture(scope="module")
