@@ -19,6 +19,25 @@ def _mflops(v: float) -> str:
     return f"{v / 1e6:.1f}M"
 
 
+def exit_flops(report: dict[str, Any]) -> dict[str, float]:
+    """FLOPs of one request by the exit it took (``X-Layercache-Exit`` value), from a build report.
+
+    A request leaving at exit k ran the backbone up to that exit's node (``total - flops_remaining_k``) and the
+    heads of exits 1..k; a request reaching the end (``backbone``) ran the whole backbone and every head.
+    Heads with an infinite threshold never run and cost nothing.
+    """
+    total = float(report["mean_flops_original"])
+    costs: dict[str, float] = {}
+    heads = 0.0
+    for e in report["exits"]:
+        if not math.isfinite(float(e["threshold"])):
+            continue
+        heads += float(e["head_flops"])
+        costs[e["node"]] = total - float(e["flops_remaining"]) + heads
+    costs["backbone"] = total + heads
+    return costs
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: Table 2 (per exit) and Table 3 (FLOPs) of the paper, plus candidates."""
     lines = [

@@ -43,6 +43,7 @@ from layercache.cli import progress, setup_logging  # noqa: E402
 from layercache.config import HandlerConfig  # noqa: E402
 from layercache.datasets import load_fashion_mnist, write_image_folder  # noqa: E402
 from layercache.entry import tool_main  # noqa: E402
+from layercache.report import exit_flops  # noqa: E402
 from layercache.runtime import BACKBONE, CachedModel  # noqa: E402
 from layercache.torchserve_adapter import EXIT_HEADER, open_mar  # noqa: E402
 
@@ -154,17 +155,6 @@ def eval_images(folder: Path) -> tuple[list[bytes], np.ndarray]:
     return [p.read_bytes() for p in files], np.array([int(p.parent.name) for p in files])
 
 
-def exit_costs(report: dict[str, Any]) -> dict[str, float]:
-    """FLOPs per request by exit: prefix up to the exit plus every head evaluated on the way."""
-    total = report["mean_flops_original"]
-    costs, heads = {}, 0.0
-    for e in report["exits"]:
-        heads += e["head_flops"]
-        costs[e["node"]] = total - e["flops_remaining"] + heads
-    costs[BACKBONE] = total + heads
-    return costs
-
-
 # --------------------------------------------------------------------------------------------- model-level
 class Models:
     """Backbone and cached model loaded from the archives, plus the preprocessed evaluation set."""
@@ -208,7 +198,7 @@ def tables(models: Models, report: dict[str, Any]) -> dict[str, Any]:
                 / n,
             }
         )
-    costs = exit_costs(report)
+    costs = exit_flops(report)
     names = [*models.cached.nodes, BACKBONE]
     flops_cached = float(np.mean([costs[names[i]] for i in exit_idx]))
     # Oracle: every row leaves at the earliest selected head that agrees with the backbone (no thresholds).
@@ -371,7 +361,7 @@ def serve(
             po = np.array([_top1(r[3], name_to_index) if r[0] == 200 else -1 for r in runs["original"]["results"]])
             pc = np.array([_top1(r[3], name_to_index) if r[0] == 200 else -1 for r in runs["cached"]["results"]])
             exits = [r[2].get(EXIT_HEADER, r[2].get(EXIT_HEADER.lower(), "?")) for r in runs["cached"]["results"]]
-            costs = exit_costs(report)
+            costs = exit_flops(report)
             flops = float(np.mean([costs.get(e, np.nan) for e in exits]))
             out["trunk"] = {
                 "n": len(blobs),

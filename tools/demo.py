@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
 from layercache.entry import tool_module  # noqa: E402 - after the path fix
 from layercache.errors import LayercacheError  # noqa: E402 - after the path fix; imports no torch
 from layercache.management import ManagementClient  # noqa: E402 - standard library only
+from layercache.report import exit_flops  # noqa: E402 - after the path fix
 
 logger = logging.getLogger("demo")
 
@@ -331,24 +332,6 @@ def _folder(root: Path) -> list[Image]:
 
 
 # ------------------------------------------------------------------------------------------------------- FLOPs
-def flops_per_exit(report: dict[str, Any]) -> tuple[float, dict[str, float]]:
-    """Mean FLOPs of one request of the original model, and of a cached request by the exit it took.
-
-    A request leaving at exit k ran the backbone up to that exit's node (``total - flops_remaining_k``) and the
-    heads of exits 1..k; a request reaching the end ran the whole backbone and every head.
-    """
-    total = float(report["mean_flops_original"])
-    costs: dict[str, float] = {}
-    heads = 0.0
-    for e in report["exits"]:
-        if not math.isfinite(float(e["threshold"])):
-            continue  # a disabled head is skipped at runtime
-        heads += float(e["head_flops"])
-        costs[e["node"]] = total - float(e["flops_remaining"]) + heads
-    costs[BACKBONE] = total + heads
-    return total, costs
-
-
 # ----------------------------------------------------------------------------------------------------- summary
 @dataclass(frozen=True)
 class Measured:
@@ -667,7 +650,7 @@ def run_demo(args: DemoArgs, steps: Steps) -> str:
                 url = f"{predictions}/{version}"
                 send_all(url, eval_images[:WARMUP_REQUESTS], args.concurrency, name_to_index, f"warm-up {version}")
                 runs[version] = send_all(url, eval_images, args.concurrency, name_to_index, f"eval {version}")
-            total, costs = flops_per_exit(report)
+            total, costs = float(report["mean_flops_original"]), exit_flops(report)
             before = measure(VERSION, runs[VERSION], eval_images, None, None, total)
             after = measure(CACHED_VERSION, runs[CACHED_VERSION], eval_images, runs[VERSION], costs, total)
     except BaseException:
