@@ -85,8 +85,12 @@ def traffic() -> tuple[pa.Table, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def built(traffic: tuple[pa.Table, np.ndarray]) -> BuildResult:
-    torch.set_num_threads(1)
-    return build_cache(make_backbone(), traffic[0], CONFIG)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module scope runs outside conftest's per-test one-thread fixture
+    try:
+        return build_cache(make_backbone(), traffic[0], CONFIG)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_split_indices_are_deterministic_and_disjoint() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch.nn import functional as F
@@ -13,15 +11,6 @@ from layercache.heads import HeadSpec, build_head
 from layercache.training import TrainConfig, predict_logits, train_head
 
 IN_SHAPE = (8, 4, 4)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny heads: a second intra-op thread only adds spin-waiting on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _problem(n: int = 800, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
