@@ -114,7 +114,7 @@ class CachedModel(nn.Module):
         self.temperatures = tuple(float(t) for t in temperatures)
         self.thresholds = tuple(float(t) for t in thresholds)
         self.shrink = shrink
-        self.policy = validate_policy(policy or {})
+        self.policy = policy or {}
 
     @classmethod
     def from_spec(
@@ -161,17 +161,25 @@ class CachedModel(nn.Module):
         """Logits in request order (see :class:`CachedOutput`)."""
         return self.run(x).logits
 
+    @property
+    def policy(self) -> dict[str, str]:
+        """``{"<min batch>": mode}`` (see the class docstring)."""
+        return dict(self._policy)
+
+    @policy.setter
+    def policy(self, policy: Mapping[str, str]) -> None:
+        self._policy = validate_policy(policy)
+        # Sorted once here, not on every request.
+        self._policy_steps = sorted((int(k), v) for k, v in self._policy.items())
+
     def mode_for(self, batch: int) -> str:
         """The mode this model uses for a batch of ``batch`` rows (policy, else shrink / noshrink)."""
         mode = "shrink" if self.shrink else "noshrink"
         for min_batch, m in self._policy_steps:
-            if batch >= min_batch:
-                mode = m
+            if batch < min_batch:
+                break
+            mode = m
         return mode
-
-    @property
-    def _policy_steps(self) -> list[tuple[int, str]]:
-        return sorted((int(k), v) for k, v in self.policy.items())
 
     def run(self, x: torch.Tensor, mode: str | None = None) -> CachedOutput:
         """Algorithm 1: segments in order; after each head resolve the confident rows and shrink the batch.
