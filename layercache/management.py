@@ -141,6 +141,14 @@ class ManagementClient:
             raise ManagementError("GET", self._url(path), 200, "empty description", _HINT_NOT_FOUND)
         return answer[0]
 
+    def ensure_workers(self, model: str, version: str, workers: int) -> None:
+        """Scale ``version`` to ``workers`` if it runs fewer: the archive's model-config.yaml
+        (minWorkers/maxWorkers) caps ``initial_workers`` at registration in TorchServe 0.12."""
+        running = len(self.describe(model, version).get("workers") or [])
+        if running < workers:
+            logger.info("scaling %s %s from %d to %d worker(s)", model, version, running, workers)
+            self.scale(model, version, workers)
+
     def default_version(self, model: str) -> str | None:
         """The version that serves ``/predictions/{model}``, or ``None`` when ``model`` is not registered.
 

@@ -39,7 +39,6 @@ if str(ROOT) not in sys.path:
 
 from layercache.entry import tool_module  # noqa: E402 - after the path fix
 from layercache.errors import LayercacheError  # noqa: E402 - after the path fix; imports no torch
-from layercache.management import ManagementClient  # noqa: E402 - standard library only
 from layercache.report import exit_flops  # noqa: E402 - after the path fix
 
 logger = logging.getLogger("demo")
@@ -488,15 +487,6 @@ def check_prerequisites() -> None:
         raise DemoError(f"{' and '.join(missing)} missing. Hint: run `make install` (or `make demo`)")
 
 
-def ensure_workers(client: ManagementClient, version: str, workers: int) -> None:
-    """Scale ``version`` to ``workers``: the archive's model-config.yaml (minWorkers/maxWorkers) takes precedence
-    over ``initial_workers`` at registration, so asking for more workers there is not enough."""
-    running = len(client.describe(MODEL, version).get("workers", []))
-    if running != workers:
-        logger.info("scaling %s %s from %d to %d worker(s)", MODEL, version, running, workers)
-        client.scale(MODEL, version, workers)
-
-
 def _check(rc: int, what: str) -> None:
     if rc != 0:
         raise DemoError(f"{what} exited with status {rc} (see the log above)")
@@ -568,7 +558,7 @@ def run_demo(args: DemoArgs, steps: Steps) -> str:
             client = server.client(timeout_s=180)
             client.register(rec_mar.name, MODEL, initial_workers=args.workers, batch_size=8, max_batch_delay_ms=20)
             client.wait_ready(MODEL, VERSION, timeout_s=120)
-            ensure_workers(client, VERSION, args.workers)
+            client.ensure_workers(MODEL, VERSION, args.workers)
             logger.info(
                 "TorchServe up: inference %s, management %s, logs in %s",
                 server.inference_url,
@@ -634,8 +624,7 @@ def run_demo(args: DemoArgs, steps: Steps) -> str:
                 deadline = time.monotonic() + 30
                 while load.count() < target and time.monotonic() < deadline:
                     time.sleep(0.05)
-            _check(rc, "swap_version.py")
-            ensure_workers(client, CACHED_VERSION, args.workers)
+            _check(rc, "swap_version.py")  # swap_version scales the new version to --workers itself
             swap_load = load.answers
             logger.info(
                 "swap took %.1f s; %d of %d requests during it failed",

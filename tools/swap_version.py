@@ -275,11 +275,7 @@ def swap(args: SwapArgs, client: ManagementClient, version: str) -> None:
     try:
         client.wait_ready(args.model, version, timeout_s=args.timeout_s)
         logger.info("version %s READY after %.1f s", version, time.monotonic() - started)
-        # The archive's model-config.yaml (minWorkers/maxWorkers) caps initial_workers: scale up to --workers.
-        described = {str(v.get("modelVersion")): v for v in client.list_versions(args.model)}
-        if version in described and len(described[version].get("workers") or []) < args.workers:
-            logger.info("scaling %s %s to %d workers", args.model, version, args.workers)
-            client.scale(args.model, version, args.workers)
+        client.ensure_workers(args.model, version, args.workers)
         client.set_default(args.model, version)
     except ManagementError:
         # Leave the server as it was: the new version never served the default route.

@@ -219,6 +219,16 @@ def test_register_sends_synchronous_query(fake: FakeManagement, client: Manageme
     }
 
 
+def test_ensure_workers_scales_only_a_version_running_too_few(fake: FakeManagement, client: ManagementClient) -> None:
+    fake.route("GET", "/models/tiny/2.0", (200, [_model("2.0", "READY")]))
+    fake.route("GET", "/models/tiny/1.0", (200, [_model("1.0", "READY", "READY")]))
+    fake.route("PUT", "/models/tiny/2.0", (200, {"status": "ok"}))
+    client.ensure_workers("tiny", "2.0", 2)  # runs 1: scaled to 2
+    client.ensure_workers("tiny", "1.0", 2)  # runs 2 already: untouched
+    assert fake.calls() == [("GET", "/models/tiny/2.0"), ("PUT", "/models/tiny/2.0"), ("GET", "/models/tiny/1.0")]
+    assert fake.requests[1][2]["min_worker"] == ["2"]
+
+
 def test_set_default_unregister_scale_paths(fake: FakeManagement, client: ManagementClient) -> None:
     fake.route("PUT", "/models/tiny/2.0/set-default", (200, {"status": "ok"}))
     fake.route("DELETE", "/models/tiny/1.0", (200, {"status": "ok"}))
