@@ -14,12 +14,14 @@ Example::
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import logging
 import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,29 @@ _WRITE_BUFFER_BYTES = 1 << 20
 _CAP_RECHECK_S = 60.0
 # close() waits this long for background compactions of this recorder.
 _CLOSE_JOIN_S = 60.0
+
+
+_background: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+_atexit_registered = False
+
+
+def _register_background(thread: threading.Thread) -> None:
+    """Track a compaction thread so a normally exiting process waits for it.
+
+    The threads are daemons (a worker that is SIGKILLed loses nothing: the segment is compacted later), but a
+    daemon thread still inside pyarrow while the interpreter finalizes aborts the process (seen as SIGABRT,
+    "PyGILState_Release ... finalizing"). An ``atexit`` hook joins them first.
+    """
+    global _atexit_registered
+    if not _atexit_registered:
+        atexit.register(_join_background)
+        _atexit_registered = True
+    _background.add(thread)
+
+
+def _join_background() -> None:
+    for thread in list(_background):
+        thread.join(_CLOSE_JOIN_S)
 
 
 @dataclass(frozen=True)
@@ -287,6 +312,7 @@ class Recorder:
     def _start_thread(self, target: Callable[[], None], name: str) -> None:
         self._threads = [thread for thread in self._threads if thread.is_alive()]
         thread = threading.Thread(target=target, name=name, daemon=True)
+        _register_background(thread)
         thread.start()
         self._threads.append(thread)
 
