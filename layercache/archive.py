@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from layercache.config import CACHE_SPEC_FILE, HEADS_FILE, YAML_SECTION, HandlerConfig
+from layercache.config import CACHE_SPEC_FILE, HEADS_FILE, SAMPLE_FILE, YAML_SECTION, HandlerConfig
 from layercache.errors import ArchiveError
 
 logger = logging.getLogger(__name__)
@@ -268,8 +268,13 @@ def package_cached(
     handler_config: HandlerConfig,
     version: str,
     force: bool = False,
+    sample_file: Path | None = None,
 ) -> Path:
-    """Package the cached ``.mar``: the original classifier + heads + cache spec + the cached handler."""
+    """Package the cached ``.mar``: the original classifier + heads + cache spec + the cached handler.
+
+    ``sample_file`` (a few logged inputs, see :func:`layercache.build.policy_sample`) lets a worker time its
+    per-batch-size policy on its own device at startup (``layercache.policy``).
+    """
     info = read_mar(mar)
     with tempfile.TemporaryDirectory(prefix="layercache-src-") as tmp:
         src = Path(tmp) / "src"
@@ -288,7 +293,11 @@ def package_cached(
             handler_config=cfg,
             output=output,
             version=version,
-            extra={CACHE_SPEC_FILE: spec_path, HEADS_FILE: heads_file},
+            extra={
+                CACHE_SPEC_FILE: spec_path,
+                HEADS_FILE: heads_file,
+                **({SAMPLE_FILE: sample_file} if sample_file is not None else {}),
+            },
             force=force,
         )
 

@@ -189,6 +189,19 @@ def replay(
     return acts, logits_out
 
 
+def policy_sample(inputs: np.ndarray, max_rows: int = 256, max_bytes: int = 8 * 2**20, seed: int = 0) -> torch.Tensor:
+    """Logged inputs, drawn at random, that ship in the cached ``.mar`` so a worker can time its policy at startup.
+
+    At most ``max_rows`` rows and ``max_bytes`` bytes (float16, at least one row).
+    """
+    if inputs.shape[0] == 0:
+        raise LogError("no logged inputs to sample for the policy")
+    row_bytes = 2 * int(np.prod(inputs.shape[1:]))
+    n = max(1, min(max_rows, inputs.shape[0], max_bytes // max(row_bytes, 1)))
+    rows = np.sort(np.random.default_rng(seed).choice(inputs.shape[0], size=n, replace=False))
+    return torch.from_numpy(np.ascontiguousarray(inputs[rows])).half()
+
+
 def pick_trials(space: Sequence[HeadSpec], trials: int) -> list[HeadSpec]:
     """``trials`` specs spread evenly over the (cheapest-first) search space; the cheapest is always tried."""
     if trials >= len(space):

@@ -23,9 +23,11 @@ T = TypeVar("T")
 
 CACHE_SPEC_FILE = "layercache_cache.json"
 HEADS_FILE = "layercache_heads.pt"
+SAMPLE_FILE = "layercache_sample.pt"
 YAML_SECTION = "layercache"
 LOG_DIR_ENV = "LAYERCACHE_LOG_DIR"
 MODES = ("record", "cached")
+POLICIES = ("auto", "startup", "stored")
 
 
 def from_mapping(cls: type[T], data: Mapping[str, Any] | None, *, where: str) -> T:
@@ -70,6 +72,10 @@ class HandlerConfig:
         max_log_gb: cap on the whole log dir; rows beyond it are dropped and counted (``None``: no cap).
         input_shape: expected per-request input shape after preprocess; rows of another shape get HTTP 400.
         explain_steps: integrated-gradient steps for ``/explanations``.
+        policy: where a cached worker gets its per-batch-size mode (shrink / no-shrink / backbone only):
+            ``startup`` times the three on the device the worker runs on, on logged inputs shipped in the archive,
+            before it takes traffic; ``stored`` uses what ``build_cache.py --policy`` measured on the build
+            machine (shrink everywhere if it did not); ``auto`` is ``startup`` on a GPU, ``stored`` elsewhere.
     """
 
     inner_handler: str = "image_classifier"
@@ -82,10 +88,13 @@ class HandlerConfig:
     max_log_gb: float | None = 10.0
     input_shape: tuple[int, ...] | None = None
     explain_steps: int = 15
+    policy: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"layercache.mode={self.mode!r} is not one of {MODES}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"layercache.policy={self.policy!r} is not one of {POLICIES}")
         if self.segment_mb <= 0:
             raise ConfigError(f"layercache.segment_mb={self.segment_mb} must be > 0")
         if self.max_log_gb is not None and self.max_log_gb <= 0:

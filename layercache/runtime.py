@@ -306,32 +306,52 @@ def measure_policy(
     batch_sizes: Sequence[int] = (1, 8, 16, 32, 64, 128),
     repeats: int = 3,
     seed: int = 0,
+    margin: float = 0.05,
 ) -> dict[str, str]:
     """Time ``shrink``, ``noshrink`` and ``backbone`` on real inputs for each batch size, interleaved, and keep the
     fastest (median) per size: on the device it runs on, the model then knows where shrinking or the heads do not
     pay (e.g. a launch-bound GPU) instead of assuming that fewer FLOPs mean less time.
+
+    Args:
+        model: the cached model, on the device to measure.
+        inputs: real (logged) inputs; batches are drawn from them with replacement.
+        batch_sizes: sizes to time.
+        repeats: timed runs per mode and size (median).
+        seed: seed of the row draws.
+        margin: the model's own mode (``shrink``, or ``noshrink`` for a no-shrink model) is kept unless another
+            mode is faster by more than this fraction, so timing noise does not flip a size to another mode.
 
     Returns:
         A policy for :class:`CachedModel` / :class:`~layercache.config.CacheSpec` (``{"<batch>": mode}``).
     """
     import time
 
+    if not 0 <= margin < 1:
+        raise ConfigError(f"margin={margin} must be in [0, 1)")
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    default = "shrink" if model.shrink else "noshrink"
     gen = torch.Generator().manual_seed(seed)
     policy: dict[str, str] = {}
     for b in batch_sizes:
         times: dict[str, list[float]] = {m: [] for m in MODES}
         for _ in range(repeats):
             idx = torch.randint(0, inputs.shape[0], (b,), generator=gen)
-            xb = inputs[idx].to(next(model.parameters()).device).contiguous()
+            xb = inputs[idx].to(device=device, dtype=torch.float32).contiguous()
             for m in MODES:
                 model.run(xb, m)  # warm-up of this shape
             for m in MODES:
+                if cuda:
+                    torch.cuda.synchronize(device)
                 t0 = time.perf_counter()
-                out = model.run(xb, m)
-                if out.logits.is_cuda:
-                    torch.cuda.synchronize()
+                model.run(xb, m)
+                if cuda:
+                    torch.cuda.synchronize(device)
                 times[m].append(time.perf_counter() - t0)
         medians = {m: sorted(t)[len(t) // 2] for m, t in times.items()}
-        policy[str(b)] = min(medians, key=medians.get)
-        logger.info("batch %d: %s", b, ", ".join(f"{m} {1e3 * t:.1f} ms" for m, t in medians.items()))
+        best = min(medians, key=medians.get)
+        policy[str(b)] = best if medians[best] < (1 - margin) * medians[default] else default
+        logger.info(
+            "batch %d: %s -> %s", b, ", ".join(f"{m} {1e3 * t:.2f} ms" for m, t in medians.items()), policy[str(b)]
+        )
     return policy

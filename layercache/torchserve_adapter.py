@@ -27,11 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layercache.config import CACHE_SPEC_FILE, HEADS_FILE, CacheSpec, HandlerConfig
+from layercache.config import CACHE_SPEC_FILE, HEADS_FILE, SAMPLE_FILE, CacheSpec, HandlerConfig
 from layercache.errors import ArchiveError, GraphError, InputError
 from layercache.logs import encode_batch, make_schema
 from layercache.recorder import Recorder, RecorderConfig
-from layercache.runtime import BACKBONE, CachedModel, RecordingModel, exit_names, weights_fingerprint
+from layercache.runtime import (
+    BACKBONE,
+    CachedModel,
+    RecordingModel,
+    exit_names,
+    measure_policy,
+    weights_fingerprint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +144,7 @@ class LayercacheService:
         self.model_version = ""
         self._reported = (0, 0)
         self._ig = None
+        self.policy_source = ""
 
     # -- lifecycle
     def initialize(self, context: Any) -> None:
@@ -171,6 +179,7 @@ class LayercacheService:
                     f"the cache was built for backbone weights {spec.weights_fingerprint}, this archive has "
                     f"{self.fingerprint}. Hint: rebuild the cache with tools/build_cache.py"
                 )
+            self._choose_policy(model_dir, context)
             self._open_recorder([])
         else:
             self.input_shape = self.config.input_shape
@@ -182,6 +191,36 @@ class LayercacheService:
             self.model_name,
             self.model_version,
             self.config.inner_handler,
+        )
+
+    def _choose_policy(self, model_dir: Path, context: Any) -> None:
+        """Per-batch-size mode of the cached model: measured now on this worker's device, or the stored one."""
+        assert self.config is not None and isinstance(self.model, CachedModel)
+        self.policy_source = "build" if self.model.policy else "default"
+        wanted = self.config.policy == "startup" or (self.config.policy == "auto" and self.device.type == "cuda")
+        if not wanted or not self.model.heads:
+            return
+        sample_path = model_dir / SAMPLE_FILE
+        if not sample_path.is_file():
+            logger.warning(
+                "layercache.policy=%s but the archive has no %s to time on; using the stored policy %s. "
+                "Hint: rebuild the cache with this version of tools/build_cache.py",
+                self.config.policy,
+                SAMPLE_FILE,
+                self.model.policy or "(shrink everywhere)",
+            )
+            return
+        sample = torch.load(sample_path, map_location=self.device, weights_only=True)
+        batch = max(1, int(context.system_properties.get("batch_size") or 1))
+        sizes = sorted({b for b in (1, 8, 16, 32, 64, 128) if b <= batch} | {batch})
+        t0 = time.perf_counter()
+        self.model.policy = measure_policy(self.model, sample, batch_sizes=sizes)
+        self.policy_source = "startup"
+        logger.info(
+            "per-batch-size policy measured at startup on %s in %.1f s: %s",
+            self.device,
+            time.perf_counter() - t0,
+            self.model.policy,
         )
 
     def _setup_recording(self, example: torch.Tensor) -> None:
@@ -375,6 +414,7 @@ class LayercacheService:
         info: dict[str, Any] = {"mode": self.config.mode if self.config else None, "weights": self.fingerprint}
         if isinstance(self.model, CachedModel):
             info["exits"] = [{"node": n, "threshold": t} for n, t in zip(self.model.nodes, self.model.thresholds)]
+            info["policy"] = {"modes": self.model.policy, "source": self.policy_source}
         elif isinstance(self.model, RecordingModel):
             info["candidates"] = list(self.model.nodes)
         if self.recorder is not None:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from layercache.archive import package_cached, read_mar  # noqa: E402
-from layercache.build import BuildConfig, build_cache  # noqa: E402
+from layercache.build import BuildConfig, build_cache, policy_sample  # noqa: E402
 from layercache.cli import progress, setup_logging  # noqa: E402
 from layercache.config import HandlerConfig  # noqa: E402
 from layercache.errors import LayercacheError  # noqa: E402
@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy",
         action="store_true",
         help="time shrink / no-shrink / backbone-only per batch size (1-128) on this device and store the "
-        "fastest in the cache, so the cached model skips what does not pay here (default: off: "
-        "always shrink)",
+        "fastest in the cache, so the cached model skips what does not pay here (default: off: always shrink). "
+        "Workers on a GPU time their own device at startup instead (layercache.policy: auto)",
     )
     p.add_argument("--layers", default=None, help="comma-separated candidate fx node names (default: automatic)")
     p.add_argument("--list-layers", action="store_true", help="print the candidate and all cuttable layers, then exit")
@@ -153,10 +153,12 @@ def _run(args: argparse.Namespace, t0: float) -> int:
         result = build_cache(backbone, table, config, index_to_name=index_to_name, progress=progress)
         heads_file = Path(tmp) / "heads.pt"
         torch.save(heads_state_dict(result.heads), heads_file)
+        sample = policy_sample(decode_inputs(table), seed=args.seed)
+        sample_file = Path(tmp) / "sample.pt"
+        torch.save(sample, sample_file)
         spec = result.spec
         if args.policy and spec.exits:
             model = CachedModel.from_spec(backbone, spec, heads_state_dict(result.heads))
-            sample = torch.from_numpy(decode_inputs(table.slice(0, min(table.num_rows, 512)))).float()
             spec = dataclasses.replace(spec, policy=measure_policy(model, sample))
             result.report["policy"] = spec.policy
             logger.info("policy measured on this device: %s", spec.policy)
@@ -173,6 +175,7 @@ def _run(args: argparse.Namespace, t0: float) -> int:
             handler_config=handler_cfg,
             version=version,
             force=args.force,
+            sample_file=sample_file,
         )
     report = result.report
     report["build_seconds_total"] = round(time.perf_counter() - t0, 1)

@@ -84,6 +84,7 @@ def test_section_must_be_a_mapping() -> None:
         ({"mode": "caching"}, r"layercache.mode='caching' is not one of \('record', 'cached'\)"),
         ({"segment_mb": 0}, "segment_mb=0 must be > 0"),
         ({"max_log_gb": -1}, "max_log_gb=-1 must be > 0 or null"),
+        ({"policy": "fastest"}, r"layercache.policy='fastest' is not one of \('auto', 'startup', 'stored'\)"),
     ],
 )
 def test_bad_values(section: dict, match: str) -> None:

@@ -325,6 +325,22 @@ def test_measure_policy_returns_a_valid_mode_per_batch_size() -> None:
     assert model.mode_for(4) == policy["4"]
 
 
+def test_measure_policy_skips_heads_that_cost_more_than_they_save_unless_within_the_margin() -> None:
+    from layercache.runtime import measure_policy
+
+    torch.manual_seed(0)
+    backbone = _policy_backbone()
+    # A head far costlier than the tiny backbone that never fires: running it can only lose time.
+    head = nn.Sequential(nn.Flatten(), nn.Linear(128, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.Linear(2048, 3))
+    model = CachedModel(split(backbone, ["1"]), [head], ["1"], [1.0], [1.01]).eval()
+    inputs = torch.randn(16, 3, 4, 4)
+    assert measure_policy(model, inputs, batch_sizes=(8,), repeats=3) == {"8": "backbone"}
+    # A margin no mode can beat keeps the model's own mode.
+    assert measure_policy(model, inputs, batch_sizes=(8,), repeats=1, margin=0.999) == {"8": "shrink"}
+    with pytest.raises(ConfigError, match="margin"):
+        measure_policy(model, inputs, margin=1.0)
+
+
 def _policy_backbone() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(128, 3)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from layercache.archive import CACHED_HANDLER, RECORDING_HANDLER, read_mar
-from layercache.config import CACHE_SPEC_FILE, CacheSpec
+from layercache.config import CACHE_SPEC_FILE, SAMPLE_FILE, CacheSpec
 from layercache.datasets import load_fashion_mnist, write_image_folder
 from layercache.entry import tool_main
 from layercache.logs import act_nodes_of, read_logs
@@ -131,7 +131,7 @@ def test_archives_made_by_the_tools(pipeline: dict[str, Path]) -> None:
         "fashion_handler.py",
         "1.0-cached",
     )
-    assert {"fashion_handler.py", "index_to_name.json", CACHE_SPEC_FILE} <= set(cached.names)
+    assert {"fashion_handler.py", "index_to_name.json", CACHE_SPEC_FILE, SAMPLE_FILE} <= set(cached.names)
     assert RECORDING_HANDLER not in cached.names
 
 

@@ -6,7 +6,10 @@ Archives are built from the tiny classifier of conftest.py, whose custom handler
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 from captum.attr import IntegratedGradients
 
 from layercache.archive import package_cached, wrap_for_recording
-from layercache.config import CacheSpec, ExitSpec, HandlerConfig
+from layercache.config import SAMPLE_FILE, CacheSpec, ExitSpec, HandlerConfig
 from layercache.errors import ArchiveError
 from layercache.graph import split
 from layercache.heads import HeadSpec, build_head
@@ -166,8 +169,20 @@ def test_a_recording_failure_never_fails_a_request(
     assert (recorder.written_rows, recorder.failed_rows) == (0, 6)
 
 
-def _cached_mar(rec: Path, tmp_path: Path, backbone: torch.nn.Module, *, threshold: float, fingerprint: str) -> Path:
+def _cached_mar(
+    rec: Path,
+    tmp_path: Path,
+    backbone: torch.nn.Module,
+    *,
+    threshold: float,
+    fingerprint: str,
+    sample: torch.Tensor | None = None,
+) -> Path:
     torch.manual_seed(1)
+    sample_file = None
+    if sample is not None:
+        sample_file = tmp_path / "sample.pt"
+        torch.save(sample, sample_file)
     head = build_head(HeadSpec(pool=1), (8, 14, 14), 10)
     heads = tmp_path / "heads.pt"
     torch.save(heads_state_dict([head]), heads)
@@ -192,7 +207,37 @@ def _cached_mar(rec: Path, tmp_path: Path, backbone: torch.nn.Module, *, thresho
         heads_file=heads,
         handler_config=HandlerConfig(log_dir=str(tmp_path / "clogs")),
         version="1.0-cached",
+        sample_file=sample_file,
+        force=True,
     )
+
+
+def test_cached_worker_times_its_policy_at_startup_on_the_shipped_sample(
+    rec_mar: Path, original: LoadedMar, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fp = weights_fingerprint(original.backbone)
+    sample = torch.randn(6, *SHAPE).half()
+    cached = _cached_mar(rec_mar, tmp_path, original.backbone, threshold=0.5, fingerprint=fp, sample=sample)
+    with zipfile.ZipFile(cached) as z:
+        assert torch.equal(torch.load(io.BytesIO(z.read(SAMPLE_FILE)), weights_only=True), sample)
+
+    measured = open_mar(cached, tmp_path / "startup", as_served=True, handler_overrides={"policy": "startup"})
+    service = measured.handler.service
+    # The context's batch size is 1, so the worker times batch 1 only.
+    assert service.policy_source == "startup" and set(service.model.policy) == {"1"}
+    assert json.loads(service.describe())["policy"] == {"modes": service.model.policy, "source": "startup"}
+
+    # auto on a CPU worker and stored keep the build's policy (none here: shrink everywhere).
+    for policy in ("auto", "stored"):
+        loaded = open_mar(cached, tmp_path / policy, as_served=True, handler_overrides={"policy": policy})
+        assert loaded.handler.service.policy_source == "default" and loaded.handler.service.model.policy == {}
+
+    # An archive without a sample falls back to the stored policy and says why.
+    old = _cached_mar(rec_mar, tmp_path, original.backbone, threshold=0.5, fingerprint=fp)
+    with caplog.at_level(logging.WARNING):
+        loaded = open_mar(old, tmp_path / "old", as_served=True, handler_overrides={"policy": "startup"})
+    assert loaded.handler.service.policy_source == "default"
+    assert SAMPLE_FILE in caplog.text
 
 
 def test_cached_archive_answers_from_the_head_with_the_exit_header(
