@@ -29,6 +29,7 @@ from layercache.heads import HeadSpec, build_head, head_flops, prepool, prepool_
 from layercache.logs import decode_inputs, decode_probs
 from layercache.runtime import weights_fingerprint
 from layercache.selection import HeadEval, Selection, best_subset, evaluate_cascade, oracle_cost
+from layercache.timing import median_seconds
 from layercache.training import TrainConfig, predict_logits, train_head
 
 logger = logging.getLogger(__name__)
@@ -218,16 +219,6 @@ def affordable_space(cand: Candidate, num_classes: int, config: BuildConfig) -> 
     return kept or space[:1]
 
 
-def _median_time(fn: Callable[[], Any], repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 @torch.inference_mode()
 def measure_latency(
     backbone: nn.Module, nodes: Sequence[str], heads: dict[str, nn.Module], example: torch.Tensor, batch: int
@@ -240,13 +231,13 @@ def measure_latency(
     h = x
     for seg in segments:
         inputs.append(h)
-        seg_times.append(_median_time(lambda s=seg, i=h: s(i)) / batch)
+        seg_times.append(median_seconds(lambda s=seg, i=h: s(i)) / batch)
         h = seg(h)
     rest = {node: float(sum(seg_times[i + 1 :])) for i, node in enumerate(nodes)}
     head_t = {}
     for node, m in heads.items():
         act = inputs[list(nodes).index(node) + 1]
-        head_t[node] = _median_time(lambda m=m, a=act: m(a)) / batch
+        head_t[node] = median_seconds(lambda m=m, a=act: m(a)) / batch
     return rest, head_t, float(sum(seg_times))
 
 

@@ -324,12 +324,11 @@ def measure_policy(
     Returns:
         A policy for :class:`CachedModel` / :class:`~layercache.config.CacheSpec` (``{"<batch>": mode}``).
     """
-    import time
+    from layercache.timing import interleaved
 
     if not 0 <= margin < 1:
         raise ConfigError(f"margin={margin} must be in [0, 1)")
     device = next(model.parameters()).device
-    cuda = device.type == "cuda"
     default = "shrink" if model.shrink else "noshrink"
     gen = torch.Generator().manual_seed(seed)
     policy: dict[str, str] = {}
@@ -338,16 +337,9 @@ def measure_policy(
         for _ in range(repeats):
             idx = torch.randint(0, inputs.shape[0], (b,), generator=gen)
             xb = inputs[idx].to(device=device, dtype=torch.float32).contiguous()
-            for m in MODES:
-                model.run(xb, m)  # warm-up of this shape
-            for m in MODES:
-                if cuda:
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                model.run(xb, m)
-                if cuda:
-                    torch.cuda.synchronize(device)
-                times[m].append(time.perf_counter() - t0)
+            calls = {m: (lambda m=m, xb=xb: model.run(xb, m)) for m in MODES}
+            for m, t in interleaved(calls, rounds=1, warmup=1, device=device).items():
+                times[m].append(t[0])
         medians = {m: sorted(t)[len(t) // 2] for m, t in times.items()}
         best = min(medians, key=medians.get)
         policy[str(b)] = best if medians[best] < (1 - margin) * medians[default] else default

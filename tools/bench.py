@@ -45,6 +45,7 @@ from layercache.datasets import load_fashion_mnist, write_image_folder  # noqa: 
 from layercache.entry import tool_main  # noqa: E402
 from layercache.report import exit_flops  # noqa: E402
 from layercache.runtime import BACKBONE, CachedModel  # noqa: E402
+from layercache.timing import interleaved  # noqa: E402
 from layercache.torchserve_adapter import EXIT_HEADER, open_mar  # noqa: E402
 
 logger = logging.getLogger("bench")
@@ -246,28 +247,27 @@ def live_memory(models: Models, batch: int = 32, batches: int = 8) -> dict[str, 
     return out
 
 
-def _time(fn: Any, x: torch.Tensor) -> float:
-    t0 = time.perf_counter()
-    fn(x)
-    return time.perf_counter() - t0
-
-
 @torch.inference_mode()
 def latency(models: Models, repeats: int, seed: int = 0, cached: Any = None) -> list[dict[str, Any]]:
     """Per batch size: original and cached timed interleaved (A B A B) on the same real batches."""
-    cached = cached or models.cached.run
+    return latency_rows(models.backbone, cached or models.cached.run, models.x, repeats, seed=seed)
+
+
+def latency_rows(
+    original: Any, cached: Any, x: torch.Tensor, repeats: int, *, seed: int = 0, batches: tuple[int, ...] = BATCHES
+) -> list[dict[str, Any]]:
+    """Original vs cached per batch size: ``repeats`` fresh real batches, each timed 3 rounds, interleaved."""
     rng = np.random.default_rng(seed)
     rows = []
-    for b in progress(BATCHES, "latency"):
+    for b in progress(batches, "latency"):
         ta, tb = [], []
         for _ in range(repeats):
-            idx = rng.choice(len(models.x), size=b, replace=False)
-            xb = models.x[idx].contiguous()
-            _time(models.backbone, xb)  # warm-up of this shape
-            _time(cached, xb)
-            for _ in range(3):
-                ta.append(_time(models.backbone, xb))
-                tb.append(_time(cached, xb))
+            idx = rng.choice(len(x), size=b, replace=False)
+            xb = x[idx].contiguous()
+            calls = {"a": lambda xb=xb: original(xb), "b": lambda xb=xb: cached(xb)}
+            t = interleaved(calls, rounds=3, device=x.device)
+            ta += t["a"]
+            tb += t["b"]
         ma, mb = statistics.median(ta), statistics.median(tb)
         rows.append(
             {
