@@ -11,6 +11,8 @@ is measured on. Sections (``--sections``):
 * ``policy``: the per-batch-size mode (shrink / noshrink / backbone) ``build_cache.py --policy`` would pick here.
 * ``serving``: closed-loop load through TorchServe, original vs cached vs recording, several concurrencies.
 * ``tradeoff``: accuracy/FLOPs across tolerances (one search, thresholds and selection per tolerance).
+* ``bundle``: ``OUT/device-bundle``, what ``tools/bench_device.py`` needs to measure the model on another device
+  (the GPU tables) with no TorchServe and no ``../shared`` there.
 
 Results go to ``OUT/bench.json``, PNGs in OUT, and a Markdown section printed and written to ``OUT/BENCHMARKS.md``.
 """
@@ -42,17 +44,16 @@ from layercache.archive import archive_classifier, wrap_for_recording  # noqa: E
 from layercache.cli import progress, setup_logging  # noqa: E402
 from layercache.config import HandlerConfig  # noqa: E402
 from layercache.datasets import load_fashion_mnist, write_image_folder  # noqa: E402
-from layercache.entry import tool_main  # noqa: E402
+from layercache.entry import tool_main, tool_module  # noqa: E402
 from layercache.report import exit_flops  # noqa: E402
 from layercache.runtime import BACKBONE, CachedModel  # noqa: E402
-from layercache.timing import interleaved  # noqa: E402
 from layercache.torchserve_adapter import EXIT_HEADER, open_mar  # noqa: E402
 
 logger = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "resnet18_fmnist"
 SHARED = ROOT.parent / "shared" / "backbones" / "resnet18_fmnist.fp16.pt"
-SECTIONS = ("trunk", "tables", "latency", "overhead", "policy", "serving", "tradeoff")
+SECTIONS = ("trunk", "tables", "latency", "overhead", "policy", "serving", "tradeoff", "bundle")
 BATCHES = (1, 8, 16, 32, 64, 128)
 TOLERANCES = (0.0025, 0.005, 0.01, 0.02, 0.05)
 
@@ -250,36 +251,26 @@ def live_memory(models: Models, batch: int = 32, batches: int = 8) -> dict[str, 
 @torch.inference_mode()
 def latency(models: Models, repeats: int, seed: int = 0, cached: Any = None) -> list[dict[str, Any]]:
     """Per batch size: original and cached timed interleaved (A B A B) on the same real batches."""
-    return latency_rows(models.backbone, cached or models.cached.run, models.x, repeats, seed=seed)
+    latency_rows = tool_module("tools/bench_device.py").latency_rows
+    return latency_rows(models.backbone, cached or models.cached.run, models.x, repeats, seed=seed, batches=BATCHES)
 
 
-def latency_rows(
-    original: Any, cached: Any, x: torch.Tensor, repeats: int, *, seed: int = 0, batches: tuple[int, ...] = BATCHES
-) -> list[dict[str, Any]]:
-    """Original vs cached per batch size: ``repeats`` fresh real batches, each timed 3 rounds, interleaved."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for b in progress(batches, "latency"):
-        ta, tb = [], []
-        for _ in range(repeats):
-            idx = rng.choice(len(x), size=b, replace=False)
-            xb = x[idx].contiguous()
-            calls = {"a": lambda xb=xb: original(xb), "b": lambda xb=xb: cached(xb)}
-            t = interleaved(calls, rounds=3, device=x.device)
-            ta += t["a"]
-            tb += t["b"]
-        ma, mb = statistics.median(ta), statistics.median(tb)
-        rows.append(
-            {
-                "batch": b,
-                "original_ms": 1e3 * ma,
-                "cached_ms": 1e3 * mb,
-                "ratio": mb / ma,
-                "original_range_ms": [1e3 * min(ta), 1e3 * max(ta)],
-                "cached_range_ms": [1e3 * min(tb), 1e3 * max(tb)],
-            }
-        )
-    return rows
+def write_bundle(paths: dict[str, Path], models: Models, dest: Path) -> Path:
+    """What ``tools/bench_device.py`` needs on a machine without TorchServe or ``../shared`` (about 41 MB)."""
+    import shutil
+    import zipfile
+
+    from layercache.config import CACHE_SPEC_FILE, HEADS_FILE
+
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(EXAMPLE / "resnet18_cifar.py", dest / "model.py")
+    shutil.copyfile(SHARED, dest / "backbone.pt")
+    with zipfile.ZipFile(paths["cached"]) as z:
+        for name in (CACHE_SPEC_FILE, HEADS_FILE):
+            (dest / name).write_bytes(z.read(name))
+    torch.save({"x": models.x.half(), "labels": torch.from_numpy(models.labels)}, dest / "eval.pt")
+    (dest / "bundle.json").write_text(json.dumps({"model_class": "ResNet18CIFAR", "images": len(models.x)}))
+    return dest
 
 
 # ----------------------------------------------------------------------------------------------- serving
@@ -626,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
 
     save()
     with tempfile.TemporaryDirectory() as tmp:
-        models = Models(paths, Path(tmp)) if {"tables", "latency", "overhead", "policy"} & set(sections) else None
+        model_level = {"tables", "latency", "overhead", "policy", "bundle"} & set(sections)
+        models = Models(paths, Path(tmp)) if model_level else None
         if "tables" in sections:
             res["tables"] = tables(models, report)
             save()
@@ -644,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
 
             res["policy"] = measure_policy(models.cached, models.x, repeats=args.repeats)
             save()
+        if "bundle" in sections:
+            logger.info("device bundle written to %s", write_bundle(paths, models, args.out / "device-bundle"))
     if {"trunk", "serving"} & set(sections):
         conc = [int(c) for c in args.concurrency.split(",")] if "serving" in sections else []
         served = serve(paths, report, conc, args.repeats if conc else 0, args.requests)

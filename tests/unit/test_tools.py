@@ -32,6 +32,7 @@ TOOLS = [
     "tools/build_cache.py",
     "tools/make_default_model.py",
     "tools/swap_version.py",
+    "tools/bench_device.py",
 ]
 IMAGES = 200
 
@@ -307,3 +308,36 @@ def test_build_cache_policy_is_measured_and_shipped(pipeline: dict[str, Path], t
     assert set(report["policy"].values()) <= {"shrink", "noshrink", "backbone"}
     with zipfile.ZipFile(out) as zf:
         assert json.loads(zf.read("layercache_cache.json"))["policy"] == report["policy"]
+
+
+def test_bench_device_measures_a_bundle_without_torchserve(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    """The GPU benchmark's bundle format, run here on the CPU: answers, latency rows per variant, and a policy."""
+    from layercache.config import HEADS_FILE
+    from layercache.logs import decode_inputs
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    with zipfile.ZipFile(pipeline["cached"]) as zf:
+        for name in (CACHE_SPEC_FILE, HEADS_FILE):
+            (bundle / name).write_bytes(zf.read(name))
+        (bundle / "model.py").write_bytes(zf.read("fashion_cnn.py"))
+        (bundle / "backbone.pt").write_bytes(zf.read("fashion_cnn.pt"))
+    table = read_logs(pipeline["logs"])
+    labels = torch.tensor([int(v) for v in table.column("label").to_pylist()])
+    torch.save({"x": torch.from_numpy(decode_inputs(table)).half(), "labels": labels}, bundle / "eval.pt")
+    (bundle / "bundle.json").write_text(json.dumps({"model_class": "FashionCNN"}))
+    out = tmp_path / "out"
+    argv = ["--bundle", str(bundle), "--device", "cpu", "--batches", "1,4", "--repeats", "1", "--policy-repeats", "1"]
+    assert tool("tools/bench_device.py")([*argv, "--out", str(out), "--quiet"]) == 0
+    res = json.loads((out / "device.json").read_text())
+    assert res["answers"]["n"] == IMAGES and 0.5 < res["answers"]["agreement"] <= 1.0
+    assert abs(sum(res["answers"]["exits"].values()) - 1.0) < 1e-9
+    assert set(res["latency"]) == {"shrink", "noshrink", "heads skipped", "heads never fire", "policy"}
+    for rows in res["latency"].values():
+        assert [r["batch"] for r in rows] == [1, 4] and all(r["original_ms"] > 0 and r["ratio"] > 0 for r in rows)
+    assert set(res["policy"]) == {"1", "4"}
+    assert "| 4 |" in (out / "DEVICE.md").read_text()
+
+    (bundle / "eval.pt").unlink()
+    with pytest.raises(SystemExit, match=r"lacks \['eval.pt'\]"):
+        tool("tools/bench_device.py")([*argv, "--out", str(out)])
