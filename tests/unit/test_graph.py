@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import pytest
@@ -13,6 +14,7 @@ from torchvision.models.feature_extraction import get_graph_node_names
 from layercache.errors import GraphError
 from layercache.graph import (
     Candidate,
+    add_into_fresh,
     check_batch_dim,
     count_flops,
     describe_nodes,
@@ -121,6 +123,38 @@ def test_split_reproduces_output_exactly(resnet: nn.Module, x: torch.Tensor, nod
     assert torch.equal(run_chain(segments, x), expected)
     assert [s.meta["layercache_output"] for s in segments] == [*nodes, "output"]
     assert [s.meta["layercache_input"] for s in segments] == ["x", *nodes]
+
+
+def test_residual_adds_write_into_the_fresh_block_output_and_leave_the_segment_input_alone(
+    resnet: nn.Module, x: torch.Tensor
+) -> None:
+    first, second = split(resnet, ["layer1.0.relu_1"])
+    targets = [n.target for n in second.graph.nodes if n.op == "call_function"]
+    assert add_into_fresh in targets and operator.add not in targets
+    with torch.inference_mode():
+        h = first(x)
+        before = h.clone()
+        out = second(h)
+    assert torch.equal(h, before)  # the shortcut operand is read, never written
+    assert torch.equal(out, reference(resnet, x))
+
+
+def test_add_into_fresh_is_in_place_only_where_that_is_the_same_result() -> None:
+    fresh, other = torch.ones(2, 3), torch.full((3,), 2.0)
+    out = add_into_fresh(fresh, other)
+    assert out.data_ptr() == fresh.data_ptr() and torch.equal(out, torch.full((2, 3), 3.0))
+    # Broadcasting would grow the fresh operand, or promotion change its dtype: a new tensor, inputs untouched.
+    small, big = torch.ones(1, 3), torch.ones(2, 3)
+    assert torch.equal(add_into_fresh(small, big), torch.full((2, 3), 2.0)) and torch.equal(small, torch.ones(1, 3))
+    half = torch.ones(3, dtype=torch.float16)
+    assert add_into_fresh(half, torch.ones(3)).dtype == torch.float32 and half.dtype == torch.float16
+    assert torch.equal(add_into_fresh(torch.ones(2), 1.5), torch.full((2,), 2.5))
+    # With autograd recording, the graph keeps the out-of-place add (gradients flow as in the traced model).
+    w = torch.ones(2, requires_grad=True)
+    fresh = w * 2
+    out = add_into_fresh(fresh, torch.ones(2))
+    out.sum().backward()
+    assert out.data_ptr() != fresh.data_ptr() and torch.equal(w.grad, torch.full((2,), 2.0))
 
 
 def test_split_segments_share_parameters(resnet: nn.Module) -> None:
