@@ -523,14 +523,24 @@ def markdown(res: dict[str, Any], command: str) -> str:
         ("overhead", "### Overhead: heads that never fire vs original (median ms)"),
     ):
         if res.get(key):
-            lines += [title, "", "| batch | original | cached | cached / original |", "|---|---|---|---|"]
+            lines += [
+                title,
+                "",
+                "| batch | original | cached | cached / original (paired) | ratio of medians |",
+                "|---|---|---|---|---|",
+            ]
             for r in res[key]:
                 lines.append(
                     f"| {r['batch']} | {r['original_ms']:.1f} ({r['original_range_ms'][0]:.1f}-"
                     f"{r['original_range_ms'][1]:.1f}) | {r['cached_ms']:.1f} ({r['cached_range_ms'][0]:.1f}"
-                    f"-{r['cached_range_ms'][1]:.1f}) | {r['ratio']:.3f} |"
+                    f"-{r['cached_range_ms'][1]:.1f}) | {r['ratio']:.3f} | "
+                    f"{r.get('ratio_of_medians', r['cached_ms'] / r['original_ms']):.3f} |"
                 )
-            lines.append("")
+            lines += [
+                "",
+                "Paired: median over rounds of cached / original timed back to back in the same round.",
+                "",
+            ]
     if res.get("policy"):
         lines += [
             "### Per-batch-size policy measured on this machine (`build_cache.py --policy`)",
