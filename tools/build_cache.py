@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from layercache.archive import package_cached, read_mar  # noqa: E402
 from layercache.build import BuildConfig, build_cache, policy_sample  # noqa: E402
 from layercache.cli import progress, setup_logging  # noqa: E402
-from layercache.config import HandlerConfig  # noqa: E402
+from layercache.config import POLICIES, HandlerConfig  # noqa: E402
 from layercache.errors import LayercacheError  # noqa: E402
 from layercache.logs import compact, decode_inputs, read_logs  # noqa: E402
 from layercache.report import write_report  # noqa: E402
@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="time shrink / no-shrink / backbone-only per batch size (1-128) on this device and store the "
         "fastest in the cache, so the cached model skips what does not pay here (default: off: always shrink). "
         "Workers on a GPU time their own device at startup instead (layercache.policy: auto)",
+    )
+    p.add_argument(
+        "--worker-policy",
+        choices=POLICIES,
+        default="auto",
+        help="where cached workers get their per-batch-size mode: 'startup' times it on the worker's device "
+        "before taking traffic, 'stored' uses --policy's (or shrink everywhere), 'auto' is startup on a GPU, "
+        "stored elsewhere (default: auto)",
     )
     p.add_argument("--layers", default=None, help="comma-separated candidate fx node names (default: automatic)")
     p.add_argument("--list-layers", action="store_true", help="print the candidate and all cuttable layers, then exit")
@@ -166,7 +174,7 @@ def _run(args: argparse.Namespace, t0: float) -> int:
         log_dir = str(args.log_dir.resolve()) if args.log_dir else None
         if log_dir is None and info.mode is not None:
             log_dir = HandlerConfig.from_yaml_config(info.yaml_config).log_dir
-        handler_cfg = HandlerConfig(log_dir=log_dir)
+        handler_cfg = HandlerConfig(log_dir=log_dir, policy=args.worker_policy)
         package_cached(
             args.mar,
             args.output,

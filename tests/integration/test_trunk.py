@@ -564,6 +564,8 @@ def test_cached_version_describes_itself_and_counts_exits(served: Served, built:
     metadata = json.loads(metadata) if isinstance(metadata, str) else metadata
     assert metadata["mode"] == "cached"
     assert [e["node"] for e in metadata["exits"]] == [e["node"] for e in built.report["exits"]]
+    # A CPU worker with layercache.policy auto keeps the build's policy: none was measured, so shrink everywhere.
+    assert metadata["policy"] == {"modes": {}, "source": "default"}
 
     # Model metrics reach Prometheus through the worker's log: poll a little.
     deadline = time.monotonic() + 15

@@ -299,12 +299,14 @@ def test_build_cache_policy_is_measured_and_shipped(pipeline: dict[str, Path], t
     argv = ["--mar", str(pipeline["rec"]), "--logs", str(pipeline["logs"]), "-o", str(out), "--report", str(report_dir)]
     assert (
         tool("tools/build_cache.py")(
-            [*argv, "--trials", "1", "--epochs", "30", "--tolerance", "0.2", "--policy", "--quiet"]
+            [*argv, "--trials", "1", "--epochs", "30", "--tolerance", "0.2", "--policy", "--worker-policy", "startup"]
+            + ["--quiet"]
         )
         == 0
     )
     report = json.loads((report_dir / "report.json").read_text())
     assert set(report["policy"]) == {"1", "8", "16", "32", "64", "128"}
+    assert read_mar(out).yaml_config["layercache"]["policy"] == "startup"
     assert set(report["policy"].values()) <= {"shrink", "noshrink", "backbone"}
     with zipfile.ZipFile(out) as zf:
         assert json.loads(zf.read("layercache_cache.json"))["policy"] == report["policy"]
