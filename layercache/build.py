@@ -521,6 +521,8 @@ def _report(
     lab_te = None if labels is None else labels[te]
     cascade = evaluate_cascade(flops_heads, selection, backbone_pred[te], lab_te, total_flops) if kept else None
     oracle = oracle_cost(flops_heads, backbone_pred[te], total_flops) if kept else total_flops
+    chosen = [flops_heads[i] for i in selection.subset]
+    oracle_selected = oracle_cost(chosen, backbone_pred[te], total_flops) if chosen else total_flops
     backbone_bytes = state.backbone_bytes
     head_bytes = sum(
         p.numel() * p.element_size() for r in (kept[i] for i in selection.subset) for p in r.head.state_dict().values()
@@ -557,6 +559,8 @@ def _report(
         "flops_ratio": mean_cached / total_flops if total_flops else 1.0,
         "oracle_flops": oracle,
         "achieved_over_oracle": mean_cached / oracle if oracle else None,
+        "oracle_flops_selected": oracle_selected,
+        "achieved_over_oracle_selected": mean_cached / oracle_selected if oracle_selected else None,
         "agreement": cascade.agreement if cascade is not None else 1.0,
         "gt_accuracy_original": cascade.gt_accuracy_backbone if cascade is not None else None,
         "gt_accuracy_cached": cascade.gt_accuracy_cached if cascade is not None else None,

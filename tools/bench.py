@@ -9,6 +9,7 @@ is measured on. Sections (``--sections``):
 * ``latency``: Table 5/6, model latency per batch at batch 1..128 on this CPU, original and cached interleaved.
 * ``overhead``: cached model whose heads never fire vs original (the price of the heads).
 * ``policy``: the per-batch-size mode (shrink / noshrink / backbone) ``build_cache.py --policy`` would pick here.
+* ``recording``: the recording handler vs the original handler in process, per batch (what recording costs).
 * ``serving``: closed-loop load through TorchServe, original vs cached vs recording, several concurrencies.
 * ``tradeoff``: accuracy/FLOPs across tolerances (one search, thresholds and selection per tolerance).
 * ``bundle``: ``OUT/device-bundle``, what ``tools/bench_device.py`` needs to measure the model on another device
@@ -47,13 +48,14 @@ from layercache.datasets import load_fashion_mnist, write_image_folder  # noqa: 
 from layercache.entry import tool_main, tool_module  # noqa: E402
 from layercache.report import exit_flops  # noqa: E402
 from layercache.runtime import BACKBONE, CachedModel  # noqa: E402
+from layercache.timing import interleaved  # noqa: E402
 from layercache.torchserve_adapter import EXIT_HEADER, open_mar  # noqa: E402
 
 logger = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "resnet18_fmnist"
 SHARED = ROOT.parent / "shared" / "backbones" / "resnet18_fmnist.fp16.pt"
-SECTIONS = ("trunk", "tables", "latency", "overhead", "policy", "serving", "tradeoff", "bundle")
+SECTIONS = ("trunk", "tables", "latency", "overhead", "policy", "recording", "serving", "tradeoff", "bundle")
 BATCHES = (1, 8, 16, 32, 64, 128)
 TOLERANCES = (0.0025, 0.005, 0.01, 0.02, 0.05)
 
@@ -273,6 +275,50 @@ def write_bundle(paths: dict[str, Path], models: Models, dest: Path) -> Path:
     return dest
 
 
+def recording_cost(paths: dict[str, Path], repeats: int, batches: tuple[int, ...] = (1, 8, 32)) -> list[dict[str, Any]]:
+    """Handler level, in process: the original handler's preprocess + inference + postprocess vs the recording
+    handler's ``handle`` (the same, plus the split model's pooled activations and the Arrow write), on the same PNG
+    batches, interleaved. What recording costs without the frontend's share of the two cores."""
+    from layercache.torchserve_adapter import run_offline
+
+    blobs, _ = eval_images(paths["eval"])
+    rng = np.random.default_rng(0)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        original = open_mar(paths["mar"], Path(tmp) / "original")
+        rec = open_mar(
+            paths["rec"], Path(tmp) / "rec", as_served=True, handler_overrides={"log_dir": str(Path(tmp) / "logs")}
+        )
+        h = original.handler
+
+        def plain(rows: list[dict[str, bytes]]) -> Any:
+            with torch.inference_mode():
+                return h.postprocess(h.inference(h.preprocess(rows)))
+
+        for b in progress(batches, "recording"):
+            ta: list[float] = []
+            tb: list[float] = []
+            for _ in range(repeats):
+                rows = [{"data": blobs[i]} for i in rng.choice(len(blobs), size=b, replace=False)]
+                calls = {
+                    "a": lambda rows=rows: plain(rows),
+                    "b": lambda rows=rows: run_offline(rec.handler, rec.context, rows),
+                }
+                t = interleaved(calls, rounds=3)
+                ta += t["a"]
+                tb += t["b"]
+            out.append(
+                {
+                    "batch": b,
+                    "original_ms": 1e3 * statistics.median(ta),
+                    "recording_ms": 1e3 * statistics.median(tb),
+                    "ratio": statistics.median(y / x for x, y in zip(ta, tb, strict=True)),
+                }
+            )
+        rec.handler.service.recorder.close()
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- serving
 def _post(url: str, body: bytes, timeout: float = 60.0) -> tuple[int, float, dict[str, str], bytes]:
     req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/octet-stream"})
@@ -407,7 +453,8 @@ def tradeoff(paths: dict[str, Path], tolerances: tuple[float, ...]) -> list[dict
             {
                 "tolerance": tol,
                 "flops_ratio": rep["flops_ratio"],
-                "achieved_over_oracle": rep["achieved_over_oracle"],
+                "achieved_over_oracle": rep["achieved_over_oracle_selected"],
+                "achieved_over_oracle_all": rep["achieved_over_oracle"],
                 "agreement": rep["agreement"],
                 "accuracy_original": rep["gt_accuracy_original"],
                 "accuracy_cached": rep["gt_accuracy_cached"],
@@ -545,6 +592,16 @@ def markdown(res: dict[str, Any], command: str) -> str:
                 "Paired: median over rounds of cached / original timed back to back in the same round.",
                 "",
             ]
+    if res.get("recording"):
+        lines += [
+            "### Recording handler vs original handler, in process (median ms per batch)",
+            "",
+            "| batch | original | recording | recording / original (paired) |",
+            "|---|---|---|---|",
+        ]
+        for r in res["recording"]:
+            lines.append(f"| {r['batch']} | {r['original_ms']:.1f} | {r['recording_ms']:.1f} | {r['ratio']:.3f} |")
+        lines.append("")
     if res.get("policy"):
         lines += [
             "### Per-batch-size policy measured on this machine (`build_cache.py --policy`)",
@@ -653,6 +710,9 @@ def main(argv: list[str] | None = None) -> int:
             from layercache.runtime import measure_policy
 
             res["policy"] = measure_policy(models.cached, models.x, repeats=args.repeats)
+            save()
+        if "recording" in sections:
+            res["recording"] = recording_cost(paths, args.repeats)
             save()
         if "bundle" in sections:
             logger.info("device bundle written to %s", write_bundle(paths, models, args.out / "device-bundle"))

@@ -176,6 +176,12 @@ def test_build_cache_makes_a_working_cache(built: BuildResult, traffic: tuple[pa
     assert report["rows"] == {"total": ROWS, "train": 300, "val": 120, "test": 180}
     assert report["mean_flops_original"] == count_flops(backbone, torch.zeros(1, CLASSES, 8, 8))
     assert 0 < report["mean_flops_cached"] <= report["mean_flops_original"]
+    # Fewer heads to leave at can only raise the oracle; each ratio is achieved over its oracle.
+    assert report["oracle_flops"] <= report["oracle_flops_selected"] <= report["mean_flops_original"]
+    for key in ("", "_selected"):
+        assert report[f"achieved_over_oracle{key}"] == pytest.approx(
+            report["mean_flops_cached"] / report[f"oracle_flops{key}"]
+        )
     assert [e["node"] for e in report["exits"]] == list(spec.nodes)
     for e, exit_spec in zip(report["exits"], spec.exits, strict=True):
         assert {"node", "threshold", "hit_rate", "cache_accuracy"} <= set(e)

@@ -106,6 +106,8 @@ def make_report() -> dict[str, Any]:
         "flops_ratio": 2 / 3,
         "oracle_flops": 20_000_000.0,
         "achieved_over_oracle": 1.5,
+        "oracle_flops_selected": 24_000_000.0,
+        "achieved_over_oracle_selected": 1.25,
         "agreement": 0.995,
         "gt_accuracy_original": 0.91,
         "gt_accuracy_cached": 0.905,
@@ -167,7 +169,7 @@ def test_report_markdown_lists_exits_and_candidates(written: tuple[Path, list[Pa
     assert md == markdown(make_report())
     assert "| 1 | `layer1.0.relu_1` | p1 | 0.9000 | 40.00% | 99.00% | n/a | n/a |" in md
     assert "| 2 | `layer2.1.relu_1` | p4-c32k3s1 | 0.7500 | 25.00% | n/a | 91.25% | 0.10% |" in md
-    assert "| 45.0M | 30.0M | 0.667 | 20.0M | 1.500 |" in md
+    assert "| 45.0M | 30.0M | 0.667 | 24.0M | 1.250 | 20.0M | 1.500 |" in md
     assert "| `layer3.0.relu_1` | [64, 7, 7] | 5.0M | - | 0.00% |  | no head beat chance (0.100) |" in md
     assert "| `layer1.0.relu_1` | [16, 28, 28] | 30.0M | p1 | 95.00% | yes |  |" in md
     assert "Agreement with the backbone: 99.50%" in md
