@@ -140,10 +140,13 @@ def test_residual_adds_write_into_the_fresh_block_output_and_leave_the_segment_i
 
 
 def test_add_into_fresh_is_in_place_only_where_that_is_the_same_result() -> None:
-    fresh, other = torch.ones(2, 3), torch.full((3,), 2.0)
+    fresh, other = torch.ones(2, 3), torch.full((2, 3), 2.0)
     out = add_into_fresh(fresh, other)
     assert out.data_ptr() == fresh.data_ptr() and torch.equal(out, torch.full((2, 3), 3.0))
-    # Broadcasting would grow the fresh operand, or promotion change its dtype: a new tensor, inputs untouched.
+    # Broadcasting (either way) or promotion: a new tensor, inputs untouched.
+    row = torch.ones(2, 3)
+    assert torch.equal(add_into_fresh(row, torch.ones(3)), torch.full((2, 3), 2.0))
+    assert torch.equal(row, torch.ones(2, 3))
     small, big = torch.ones(1, 3), torch.ones(2, 3)
     assert torch.equal(add_into_fresh(small, big), torch.full((2, 3), 2.0)) and torch.equal(small, torch.ones(1, 3))
     half = torch.ones(3, dtype=torch.float16)
