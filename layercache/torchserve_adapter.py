@@ -210,11 +210,16 @@ class LayercacheService:
                 self.model.policy or "(shrink everywhere)",
             )
             return
-        sample = torch.load(sample_path, map_location=self.device, weights_only=True)
         batch = max(1, int(context.system_properties.get("batch_size") or 1))
         sizes = sorted({b for b in (1, 8, 16, 32, 64, 128) if b <= batch} | {batch})
         t0 = time.perf_counter()
-        self.model.policy = measure_policy(self.model, sample, batch_sizes=sizes)
+        try:
+            sample = torch.load(sample_path, map_location=self.device, weights_only=True)
+            policy = measure_policy(self.model, sample, batch_sizes=sizes)
+        except Exception:  # noqa: BLE001 - a failed measurement must not keep the model from serving
+            logger.exception("timing the policy at startup failed; using the stored policy %s", self.model.policy)
+            return
+        self.model.policy = policy
         self.policy_source = "startup"
         logger.info(
             "per-batch-size policy measured at startup on %s in %.1f s: %s",

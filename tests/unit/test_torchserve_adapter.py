@@ -232,6 +232,14 @@ def test_cached_worker_times_its_policy_at_startup_on_the_shipped_sample(
         loaded = open_mar(cached, tmp_path / policy, as_served=True, handler_overrides={"policy": policy})
         assert loaded.handler.service.policy_source == "default" and loaded.handler.service.model.policy == {}
 
+    # A sample the model cannot run (here: the wrong shape) leaves the stored policy; the worker still serves.
+    bad = _cached_mar(
+        rec_mar, tmp_path, original.backbone, threshold=0.5, fingerprint=fp, sample=torch.zeros(2, 3, 5, 5).half()
+    )
+    with caplog.at_level(logging.ERROR):
+        loaded = open_mar(bad, tmp_path / "bad", as_served=True, handler_overrides={"policy": "startup"})
+    assert loaded.handler.service.policy_source == "default" and "timing the policy at startup failed" in caplog.text
+
     # An archive without a sample falls back to the stored policy and says why.
     old = _cached_mar(rec_mar, tmp_path, original.backbone, threshold=0.5, fingerprint=fp)
     with caplog.at_level(logging.WARNING):
