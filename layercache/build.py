@@ -190,17 +190,21 @@ def replay(
     return acts, logits_out
 
 
-def policy_sample(inputs: np.ndarray, max_rows: int = 256, max_bytes: int = 8 * 2**20, seed: int = 0) -> torch.Tensor:
+def policy_sample(table: pa.Table, max_rows: int = 256, max_bytes: int = 8 * 2**20, seed: int = 0) -> torch.Tensor:
     """Logged inputs, drawn at random, that ship in the cached ``.mar`` so a worker can time its policy at startup.
 
-    At most ``max_rows`` rows and ``max_bytes`` bytes (float16, at least one row).
+    At most ``max_rows`` rows and ``max_bytes`` bytes (float16, at least one row); only the drawn rows are decoded.
+
+    Raises:
+        LogError: the table has no rows (or inputs of several shapes, see :func:`decode_inputs`).
     """
-    if inputs.shape[0] == 0:
+    n = table.num_rows
+    if n == 0:
         raise LogError("no logged inputs to sample for the policy")
-    row_bytes = 2 * int(np.prod(inputs.shape[1:]))
-    n = max(1, min(max_rows, inputs.shape[0], max_bytes // max(row_bytes, 1)))
-    rows = np.sort(np.random.default_rng(seed).choice(inputs.shape[0], size=n, replace=False))
-    return torch.from_numpy(np.ascontiguousarray(inputs[rows])).half()
+    row_bytes = 2 * int(np.prod(decode_inputs(table.slice(0, 1)).shape[1:]))
+    k = max(1, min(max_rows, n, max_bytes // max(row_bytes, 1)))
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+    return torch.from_numpy(decode_inputs(table.take(pa.array(rows)))).half()
 
 
 def pick_trials(space: Sequence[HeadSpec], trials: int) -> list[HeadSpec]:

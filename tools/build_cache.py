@@ -161,7 +161,7 @@ def _run(args: argparse.Namespace, t0: float) -> int:
         result = build_cache(backbone, table, config, index_to_name=index_to_name, progress=progress)
         heads_file = Path(tmp) / "heads.pt"
         torch.save(heads_state_dict(result.heads), heads_file)
-        sample = policy_sample(decode_inputs(table), seed=args.seed)
+        sample = policy_sample(table, seed=args.seed)
         sample_file = Path(tmp) / "sample.pt"
         torch.save(sample, sample_file)
         spec = result.spec
