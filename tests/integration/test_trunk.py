@@ -585,6 +585,43 @@ def test_cached_version_describes_itself_and_counts_exits(served: Served, built:
     assert early, "no LayercacheExits counter for an early exit in /metrics"
 
 
+def test_a_worker_times_its_policy_at_startup(served: Served, built: Built, swapped: Swapped, tmp_path: Path) -> None:
+    """The built cache repackaged with ``layercache.policy: startup``: its worker times shrink / no-shrink /
+    backbone-only on its own device for batch 1 and the archive's batch size before it serves."""
+    import zipfile
+
+    from layercache.archive import package_cached
+    from layercache.config import CACHE_SPEC_FILE, HEADS_FILE, SAMPLE_FILE, HandlerConfig
+
+    with zipfile.ZipFile(built.cached_mar) as zf:
+        files = {name: tmp_path / name for name in (CACHE_SPEC_FILE, HEADS_FILE, SAMPLE_FILE)}
+        for name, path in files.items():
+            path.write_bytes(zf.read(name))
+    mar = served.store / "fashion_startup.mar"
+    package_cached(
+        served.rec_mar,
+        mar,
+        spec_json=files[CACHE_SPEC_FILE].read_text(),
+        heads_file=files[HEADS_FILE],
+        sample_file=files[SAMPLE_FILE],
+        handler_config=HandlerConfig(record=False, policy="startup"),
+        version="1.0-startup",
+    )
+    client = served.server.client(timeout_s=120)
+    client.register(mar.name, "startup", initial_workers=1, batch_size=BATCH_SIZE, max_batch_delay_ms=20)
+    try:
+        url = f"{served.server.management_url}/models/startup/1.0-startup?customized=true"
+        with urllib.request.urlopen(url, timeout=REQUEST_TIMEOUT_S) as response:
+            (description,) = json.loads(response.read())
+        metadata = description["customizedMetadata"]
+        metadata = json.loads(metadata) if isinstance(metadata, str) else metadata
+        assert metadata["policy"]["source"] == "startup"
+        assert set(metadata["policy"]["modes"]) == {"1", str(BATCH_SIZE)}
+        assert set(metadata["policy"]["modes"].values()) <= {"shrink", "noshrink", "backbone"}
+    finally:
+        client.unregister("startup", "1.0-startup")
+
+
 def test_logs_complete_after_stop(
     served: Served, recorded: Recorded, bad_batches: BadBatches, swapped: Swapped, stopped: Stopped
 ) -> None:
