@@ -28,9 +28,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,8 +45,9 @@ from layercache.datasets import load_fashion_mnist, write_image_folder  # noqa: 
 from layercache.entry import tool_main, tool_module  # noqa: E402
 from layercache.report import exit_flops  # noqa: E402
 from layercache.runtime import BACKBONE, CachedModel  # noqa: E402
+from layercache.testing.load import Run, send_all, summarize  # noqa: E402
 from layercache.timing import interleaved  # noqa: E402
-from layercache.torchserve_adapter import EXIT_HEADER, open_mar  # noqa: E402
+from layercache.torchserve_adapter import open_mar  # noqa: E402
 
 logger = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parents[1]
@@ -320,43 +318,10 @@ def recording_cost(paths: dict[str, Path], repeats: int, batches: tuple[int, ...
 
 
 # ----------------------------------------------------------------------------------------------- serving
-def _post(url: str, body: bytes, timeout: float = 60.0) -> tuple[int, float, dict[str, str], bytes]:
-    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/octet-stream"})
-    t0 = time.perf_counter()
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            data = resp.read()
-            return resp.status, time.perf_counter() - t0, dict(resp.headers), data
-    except urllib.error.HTTPError as exc:
-        return exc.code, time.perf_counter() - t0, dict(exc.headers or {}), exc.read()
-    except OSError:
-        return 0, time.perf_counter() - t0, {}, b""
-
-
-def load(url: str, blobs: list[bytes], concurrency: int) -> dict[str, Any]:
+def load(url: str, blobs: list[bytes], concurrency: int, name_to_index: dict[str, int]) -> tuple[Run, dict[str, Any]]:
     """Closed loop: ``concurrency`` clients send ``blobs`` (each once) as fast as answers come back."""
-    results: list[Any] = [None] * len(blobs)
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        for i, r in enumerate(pool.map(lambda b: _post(url, b), blobs)):
-            results[i] = r
-    wall = time.perf_counter() - t0
-    lat = np.array([r[1] for r in results]) * 1e3
-    return {
-        "requests": len(blobs),
-        "concurrency": concurrency,
-        "rps": len(blobs) / wall,
-        "p50_ms": float(np.percentile(lat, 50)),
-        "p90_ms": float(np.percentile(lat, 90)),
-        "p99_ms": float(np.percentile(lat, 99)),
-        "errors": int(sum(r[0] != 200 for r in results)),
-        "results": results,
-    }
-
-
-def _top1(body: bytes, name_to_index: dict[str, int]) -> int:
-    answer = json.loads(body)
-    return name_to_index[max(answer, key=answer.get)]
+    run = send_all(url, blobs, concurrency, name_to_index, desc=url.rsplit("/", 1)[-1])
+    return run, {"concurrency": concurrency, **summarize(run)}
 
 
 def serve(
@@ -394,10 +359,13 @@ def serve(
                 client.register(mar, f"m_{name}", initial_workers=1, batch_size=8, max_batch_delay_ms=20)
             base = ts.inference_url
             # Trunk check: every unseen image through both services.
-            runs = {name: load(f"{base}/predictions/m_{name}", blobs, 8) for name in ("original", "cached")}
-            po = np.array([_top1(r[3], name_to_index) if r[0] == 200 else -1 for r in runs["original"]["results"]])
-            pc = np.array([_top1(r[3], name_to_index) if r[0] == 200 else -1 for r in runs["cached"]["results"]])
-            exits = [r[2].get(EXIT_HEADER, r[2].get(EXIT_HEADER.lower(), "?")) for r in runs["cached"]["results"]]
+            runs = {
+                name: load(f"{base}/predictions/m_{name}", blobs, 8, name_to_index)[0]
+                for name in ("original", "cached")
+            }
+            po = np.array([a.predicted if a.status == 200 else -1 for a in runs["original"].answers])
+            pc = np.array([a.predicted if a.status == 200 else -1 for a in runs["cached"].answers])
+            exits = [a.exit or "?" for a in runs["cached"].answers]
             costs = exit_flops(report)
             flops = float(np.mean([costs.get(e, np.nan) for e in exits]))
             out["trunk"] = {
@@ -409,7 +377,7 @@ def serve(
                 "flops_cached": flops,
                 "flops_ratio": flops / report["mean_flops_original"],
                 "exit_rates": {e: exits.count(e) / len(exits) for e in sorted(set(exits))},
-                "errors": runs["original"]["errors"] + runs["cached"]["errors"],
+                "errors": runs["original"].failed + runs["cached"].failed,
             }
             # Load: interleaved per repeat, medians.
             for c in concurrencies:
@@ -417,9 +385,7 @@ def serve(
                 for r in range(repeats):
                     sample = [blobs[i] for i in np.random.default_rng(r).choice(len(blobs), n_requests, False)]
                     for name in models:
-                        res = load(f"{base}/predictions/m_{name}", sample, c)
-                        res.pop("results")
-                        per[name].append(res)
+                        per[name].append(load(f"{base}/predictions/m_{name}", sample, c, name_to_index)[1])
                 row = {"concurrency": c}
                 for name, rs in per.items():
                     row[name] = {

@@ -25,10 +25,7 @@ import statistics
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,19 +37,18 @@ if str(ROOT) not in sys.path:
 from layercache.entry import tool_module  # noqa: E402 - after the path fix
 from layercache.errors import LayercacheError  # noqa: E402 - after the path fix; imports no torch
 from layercache.report import exit_flops  # noqa: E402 - after the path fix
+from layercache.testing.load import REQUEST_TIMEOUT_S, Answer, Run, predict, send_all  # noqa: E402 - ditto
 
 logger = logging.getLogger("demo")
 
 MODEL = "fashion"
 VERSION = "1.0"
 CACHED_VERSION = f"{VERSION}-cached"
-EXIT_HEADER = "X-Layercache-Exit"
 BACKBONE = "backbone"
 INDEX_TO_NAME = ROOT / "examples" / "fashion_cnn" / "index_to_name.json"
 MARKER = ".layercache-demo"
 # What the demo writes under --out; the only paths it ever deletes there.
 OWNED = (MARKER, "data", "model-store", "logs", "report", "torchserve", "summary.md", ".layercache-swap.json")
-REQUEST_TIMEOUT_S = 30.0
 WARMUP_REQUESTS = 32
 # Unix socket paths are limited to 108 bytes; TorchServe puts worker sockets in TEMP.
 MAX_SOCKET_DIR = 80
@@ -206,17 +202,6 @@ class Steps:
 
 # ---------------------------------------------------------------------------------------------------- requests
 @dataclass(frozen=True)
-class Answer:
-    """One prediction request: HTTP status (-1: no answer), latency, exit header, predicted class index."""
-
-    status: int
-    seconds: float
-    exit: str | None
-    predicted: int | None
-    error: str = ""
-
-
-@dataclass(frozen=True)
 class Image:
     """One PNG and its true class index."""
 
@@ -224,54 +209,15 @@ class Image:
     label: int
 
 
-def predict(url: str, body: bytes, name_to_index: dict[str, int], timeout_s: float = REQUEST_TIMEOUT_S) -> Answer:
-    """POST one image; the handler answers ``{class name: probability}`` for its top classes."""
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "image/png"})
-    t0 = time.perf_counter()
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            payload = response.read()
-            seconds = time.perf_counter() - t0
-            exit_name = response.headers.get(EXIT_HEADER)
-    except urllib.error.HTTPError as error:
-        return Answer(error.code, time.perf_counter() - t0, None, None, error.read().decode("utf-8", "replace")[:200])
-    except OSError as error:  # refused, reset, timed out
-        return Answer(-1, time.perf_counter() - t0, None, None, repr(error))
-    try:
-        scores = json.loads(payload)
-        top = max(scores, key=scores.get)
-        predicted = name_to_index[top]
-    except (ValueError, TypeError, KeyError, AttributeError) as error:
-        return Answer(-2, seconds, exit_name, None, f"unexpected answer {payload[:200]!r}: {error!r}")
-    return Answer(200, seconds, exit_name, predicted)
-
-
-@dataclass(frozen=True)
-class Run:
-    """Answers of one batch of requests, in image order, and the wall time of the whole batch."""
-
-    answers: list[Answer]
-    seconds: float
-
-    @property
-    def failed(self) -> int:
-        return sum(a.status != 200 for a in self.answers)
-
-
-def send_all(url: str, images: Sequence[Image], concurrency: int, name_to_index: dict[str, int], desc: str) -> Run:
+def send_images(url: str, images: Sequence[Image], concurrency: int, name_to_index: dict[str, int], desc: str) -> Run:
     """Send every image once with ``concurrency`` client threads; answers come back in image order."""
     from layercache.cli import progress
 
+    def bar(answers: Iterable[Answer], label: str, total: int) -> Iterable[Answer]:
+        return progress(answers, label, total=total)
+
     bodies = [img.path.read_bytes() for img in images]
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="demo-client") as pool:
-        answers = list(progress(pool.map(lambda b: predict(url, b, name_to_index), bodies), desc, total=len(bodies)))
-    run = Run(answers, time.perf_counter() - t0)
-    for a in answers:
-        if a.status != 200:
-            logger.warning("%s: request failed: %s %s", desc, a.status, a.error)
-            break
-    return run
+    return send_all(url, bodies, concurrency, name_to_index, progress=bar, desc=desc)
 
 
 class BackgroundLoad:
@@ -568,7 +514,7 @@ def run_demo(args: DemoArgs, steps: Steps) -> str:
 
         predictions = f"{server.inference_url}/predictions/{MODEL}"
         with steps.step(f"4. send {len(traffic_images)} traffic requests (recorded)"):
-            traffic = send_all(predictions, traffic_images, args.concurrency, name_to_index, "traffic")
+            traffic = send_images(predictions, traffic_images, args.concurrency, name_to_index, "traffic")
             logger.info(
                 "traffic: %d requests in %.1f s, %d failed", len(traffic.answers), traffic.seconds, traffic.failed
             )
@@ -637,8 +583,8 @@ def run_demo(args: DemoArgs, steps: Steps) -> str:
             runs: dict[str, Run] = {}
             for version in (VERSION, CACHED_VERSION):
                 url = f"{predictions}/{version}"
-                send_all(url, eval_images[:WARMUP_REQUESTS], args.concurrency, name_to_index, f"warm-up {version}")
-                runs[version] = send_all(url, eval_images, args.concurrency, name_to_index, f"eval {version}")
+                send_images(url, eval_images[:WARMUP_REQUESTS], args.concurrency, name_to_index, f"warm-up {version}")
+                runs[version] = send_images(url, eval_images, args.concurrency, name_to_index, f"eval {version}")
             total, costs = float(report["mean_flops_original"]), exit_flops(report)
             before = measure(VERSION, runs[VERSION], eval_images, None, None, total)
             after = measure(CACHED_VERSION, runs[CACHED_VERSION], eval_images, runs[VERSION], costs, total)
