@@ -340,23 +340,21 @@ def evaluate_cascade(
 
 
 def oracle_cost(heads: Sequence[HeadEval], backbone_pred: np.ndarray, backbone_cost: float) -> float:
-    """Mean cost per row if every row left at the earliest head that agrees with the backbone.
+    """Mean cost per row if every row left at the earliest of ``heads`` that agrees with the backbone.
 
-    A row leaving at head ``i`` pays only the backbone prefix and that head,
-    ``(backbone_cost - C2_i) + C1_i``; a row no head agrees on pays ``backbone_cost``. This is
-    the limit any cascade of these heads can approach.
+    ``heads`` is a cascade in depth order, costed as in the module docstring: a row leaving at the k-th head pays
+    ``(backbone_cost - C2_k) + C1_1 + ... + C1_k``; a row no head agrees on pays ``backbone_cost`` plus every
+    head. This is the limit any thresholds on these heads can approach (the achieved cost of
+    :func:`evaluate_cascade` with the same heads is never below it unless a head answers rows it disagrees on).
     """
     backbone_pred = np.asarray(backbone_pred).reshape(-1)
     n_rows = backbone_pred.shape[0]
     if heads and _num_rows(heads) != n_rows:
         raise ConfigError(f"backbone_pred has {n_rows} rows but the heads have {_num_rows(heads)}")
-    if n_rows == 0:
-        return float(backbone_cost)
-    if not heads:
+    if n_rows == 0 or not heads:
         return float(backbone_cost)
     agree = np.stack([np.asarray(h.pred) == backbone_pred for h in heads])  # (heads, N)
-    exit_cost = np.array([backbone_cost - h.cost_rest + h.cost_head for h in heads], dtype=np.float64)
-    any_agree = agree.any(axis=0)
-    first = agree.argmax(axis=0)
-    cost = np.where(any_agree, exit_cost[first], float(backbone_cost))
+    heads_so_far = np.cumsum([h.cost_head for h in heads], dtype=np.float64)
+    exit_cost = np.array([backbone_cost - h.cost_rest for h in heads], dtype=np.float64) + heads_so_far
+    cost = np.where(agree.any(axis=0), exit_cost[agree.argmax(axis=0)], backbone_cost + heads_so_far[-1])
     return float(cost.mean())

@@ -197,7 +197,8 @@ def test_evaluate_cascade_unknown_labels_are_skipped() -> None:
 
 
 def test_oracle_cost_by_hand() -> None:
-    # earliest agreeing head per row: layer1, layer2, layer2, layer1, none, layer3
-    expected = (3 + 8 + 8 + 3 + 12 + 11) / 6
+    # earliest agreeing head per row: layer1, layer2, layer2, layer1, none, layer3; a row pays the backbone up to
+    # its exit plus every head it passed: layer1 2 + 1, layer2 6 + 3, layer3 10 + 4, none 12 + 4
+    expected = (3 + 9 + 9 + 3 + 16 + 14) / 6
     assert oracle_cost(_heads(), BACKBONE, BACKBONE_COST) == pytest.approx(expected)
     assert oracle_cost([], BACKBONE, BACKBONE_COST) == BACKBONE_COST
