@@ -26,6 +26,8 @@ HEADS_FILE = "layercache_heads.pt"
 SAMPLE_FILE = "layercache_sample.pt"
 YAML_SECTION = "layercache"
 LOG_DIR_ENV = "LAYERCACHE_LOG_DIR"
+#: Response header naming the exit that answered a prediction (a head's fx node name, or ``backbone``).
+EXIT_HEADER = "X-Layercache-Exit"
 MODES = ("record", "cached")
 POLICIES = ("auto", "startup", "stored")
 

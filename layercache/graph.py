@@ -538,8 +538,8 @@ def add_into_fresh(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     ``fresh`` must be a temporary nothing else reads (see :func:`_residual_adds_in_place`). The in-place form is
     used only where it is exactly the out-of-place result: operands of one shape, dtype and device (the residual
     case; broadcasting or promotion adds out of place) and no autograd graph to keep (float addition is
-    commutative, so operand order does not change a bit). Allocating a new activation per residual add costs up
-    to 10% of a CIFAR ResNet-18 on a CPU at batch 32.
+    commutative, so operand order does not change a bit). Allocating a new activation per residual add made the
+    split model slower than the eager one and its timings unstable (BENCHMARKS.md, Notes).
     """
     # Same shape, dtype and device is the residual case and cheap to check (torch.broadcast_shapes and
     # torch.result_type cost more per call than the add they would guard at small batch sizes).

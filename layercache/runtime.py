@@ -22,6 +22,7 @@ from layercache.config import CacheSpec
 from layercache.errors import ConfigError
 from layercache.graph import split
 from layercache.heads import HeadSpec, build_head
+from layercache.timing import interleaved
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,19 @@ class CachedModel(nn.Module):
             policy=spec.policy,
         )
         return model.eval()
+
+    def with_thresholds(self, thresholds: Sequence[float]) -> CachedModel:
+        """The same segments and heads (shared, not copied) with other thresholds, e.g. ``[1.01] * n`` for heads
+        that run but never fire (the price of the heads) or ``inf`` to skip them."""
+        return CachedModel(
+            list(self.segments),
+            list(self.heads),
+            self.nodes,
+            self.temperatures,
+            thresholds,
+            shrink=self.shrink,
+            policy=self.policy,
+        ).train(self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits in request order (see :class:`CachedOutput`)."""
@@ -324,8 +338,6 @@ def measure_policy(
     Returns:
         A policy for :class:`CachedModel` / :class:`~layercache.config.CacheSpec` (``{"<batch>": mode}``).
     """
-    from layercache.timing import interleaved
-
     if not 0 <= margin < 1:
         raise ConfigError(f"margin={margin} must be in [0, 1)")
     device = next(model.parameters()).device

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layercache.config import CACHE_SPEC_FILE, HEADS_FILE, SAMPLE_FILE, CacheSpec, HandlerConfig
+from layercache.config import CACHE_SPEC_FILE, EXIT_HEADER, HEADS_FILE, SAMPLE_FILE, CacheSpec, HandlerConfig
 from layercache.errors import ArchiveError, GraphError, InputError
 from layercache.logs import encode_batch, make_schema
 from layercache.recorder import Recorder, RecorderConfig
@@ -42,7 +42,6 @@ from layercache.runtime import (
 
 logger = logging.getLogger(__name__)
 
-EXIT_HEADER = "X-Layercache-Exit"
 EXPLAIN_HEADER = "explain"
 DESCRIBE_HEADER = "describe"
 METRIC_EXITS = "LayercacheExits"

@@ -23,12 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from layercache.config import EXIT_HEADER
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["EXIT_HEADER", "Answer", "Run", "percentile", "predict", "send_all", "summarize"]
 
-#: Response header naming the exit that answered (set by the layercache handlers).
-EXIT_HEADER = "X-Layercache-Exit"
 REQUEST_TIMEOUT_S = 30.0
 
 # status codes of answers that never got an HTTP status

@@ -341,6 +341,25 @@ def test_measure_policy_skips_heads_that_cost_more_than_they_save_unless_within_
         measure_policy(model, inputs, margin=1.0)
 
 
+def test_with_thresholds_shares_the_modules_and_keeps_mode_and_policy() -> None:
+    torch.manual_seed(0)
+    backbone = _policy_backbone()
+    head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+    with torch.no_grad():
+        head[1].weight.zero_()
+        head[1].bias.copy_(torch.tensor([10.0, 0.0, 0.0]))  # always confident
+    model = CachedModel(split(backbone, ["1"]), [head], ["1"], [1.0], [0.5], policy={"4": "noshrink"}).eval()
+    never = model.with_thresholds([1.01])
+    assert never.heads[0] is head and never.segments[0] is model.segments[0]
+    assert (never.thresholds, never.policy, never.shrink, never.training) == ((1.01,), {"4": "noshrink"}, True, False)
+    x = torch.randn(3, 3, 4, 4)
+    with torch.inference_mode():
+        assert model.run(x).exit_index.tolist() == [0, 0, 0]
+        out = never.run(x)
+        assert out.exit_index.tolist() == [-1, -1, -1] and torch.equal(out.logits, backbone(x))
+    assert model.thresholds == (0.5,)  # the original is unchanged
+
+
 def _policy_backbone() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(128, 3)
