@@ -46,7 +46,6 @@ from layercache.entry import tool_main, tool_module  # noqa: E402
 from layercache.report import exit_flops  # noqa: E402
 from layercache.runtime import BACKBONE, CachedModel  # noqa: E402
 from layercache.testing.load import Run, send_all, summarize  # noqa: E402
-from layercache.timing import interleaved  # noqa: E402
 from layercache.torchserve_adapter import open_mar  # noqa: E402
 
 logger = logging.getLogger("bench")
@@ -170,18 +169,16 @@ class Models:
         self.x = torch.cat([service.inner.preprocess([{"data": b}]) for b in blobs])
 
     def never_fire(self) -> CachedModel:
-        m = self.cached
-        return CachedModel(list(m.segments), list(m.heads), m.nodes, m.temperatures, [1.01] * len(m.heads))
+        return self.cached.with_thresholds([1.01] * len(self.cached.heads))
 
 
 @torch.inference_mode()
 def tables(models: Models, report: dict[str, Any]) -> dict[str, Any]:
     """Table 2 (per exit, unseen images), Table 3 (FLOPs, oracle), Table 4 (size, live tensor memory)."""
+    from layercache.selection import HeadEval, oracle_cost
+
     x, labels = models.x, models.labels
-    pred_b = torch.cat([models.backbone(x[i : i + 256]) for i in range(0, len(x), 256)]).argmax(1).numpy()
-    outs = [models.cached.run(x[i : i + 32]) for i in range(0, len(x), 32)]
-    pred_c = torch.cat([o.logits for o in outs]).argmax(1).numpy()
-    exit_idx = torch.cat([o.exit_index for o in outs]).numpy()
+    pred_b, pred_c, exit_idx = tool_module("tools/bench_device.py").predictions(models.backbone, models.cached, x)
     n = len(x)
     rows = []
     for k, node in enumerate(models.cached.nodes):
@@ -204,18 +201,12 @@ def tables(models: Models, report: dict[str, Any]) -> dict[str, Any]:
     names = [*models.cached.nodes, BACKBONE]
     flops_cached = float(np.mean([costs[names[i]] for i in exit_idx]))
     # Oracle: every row leaves at the earliest selected head that agrees with the backbone (no thresholds).
-    h = x
-    earliest = np.full(n, -1)
-    head_sum = 0.0
-    oracle = np.full(n, report["mean_flops_original"] + sum(e["head_flops"] for e in report["exits"]))
-    for k, (seg, head) in enumerate(zip(models.cached.segments, models.cached.heads)):
+    heads, h = [], x
+    for seg, head, e in zip(models.cached.segments, models.cached.heads, report["exits"], strict=False):
         h = torch.cat([seg(h[i : i + 256]) for i in range(0, len(h), 256)])
-        hp = torch.cat([head(h[i : i + 256]) for i in range(0, len(h), 256)]).argmax(1).numpy()
-        e = report["exits"][k]
-        head_sum += e["head_flops"]
-        new = (earliest < 0) & (hp == pred_b)
-        oracle[new] = report["mean_flops_original"] - e["flops_remaining"] + head_sum
-        earliest[new] = k
+        pred = torch.cat([head(h[i : i + 256]) for i in range(0, len(h), 256)]).argmax(1).numpy()
+        heads.append(HeadEval(e["node"], np.zeros(n), pred, np.zeros(1), e["head_flops"], e["flops_remaining"]))
+    flops_oracle = oracle_cost(heads, pred_b, report["mean_flops_original"])
     size_b = sum(t.numel() * t.element_size() for t in models.backbone.state_dict().values())
     size_h = sum(t.numel() * t.element_size() for t in models.cached.heads.state_dict().values())
     return {
@@ -226,8 +217,8 @@ def tables(models: Models, report: dict[str, Any]) -> dict[str, Any]:
         "agreement": float((pred_b == pred_c).mean()),
         "flops_original": report["mean_flops_original"],
         "flops_cached": flops_cached,
-        "flops_oracle": float(oracle.mean()),
-        "achieved_over_oracle": flops_cached / float(oracle.mean()),
+        "flops_oracle": flops_oracle,
+        "achieved_over_oracle": flops_cached / flops_oracle,
         "size_backbone_mb": size_b / 2**20,
         "size_cached_mb": (size_b + size_h) / 2**20,
         "memory": live_memory(models),
@@ -280,8 +271,6 @@ def recording_cost(paths: dict[str, Path], repeats: int, batches: tuple[int, ...
     from layercache.torchserve_adapter import run_offline
 
     blobs, _ = eval_images(paths["eval"])
-    rng = np.random.default_rng(0)
-    out = []
     with tempfile.TemporaryDirectory() as tmp:
         original = open_mar(paths["mar"], Path(tmp) / "original")
         rec = open_mar(
@@ -293,27 +282,17 @@ def recording_cost(paths: dict[str, Path], repeats: int, batches: tuple[int, ...
             with torch.inference_mode():
                 return h.postprocess(h.inference(h.preprocess(rows)))
 
-        for b in progress(batches, "recording"):
-            ta: list[float] = []
-            tb: list[float] = []
-            for _ in range(repeats):
-                rows = [{"data": blobs[i]} for i in rng.choice(len(blobs), size=b, replace=False)]
-                calls = {
-                    "a": lambda rows=rows: plain(rows),
-                    "b": lambda rows=rows: run_offline(rec.handler, rec.context, rows),
-                }
-                t = interleaved(calls, rounds=3)
-                ta += t["a"]
-                tb += t["b"]
-            out.append(
-                {
-                    "batch": b,
-                    "original_ms": 1e3 * statistics.median(ta),
-                    "recording_ms": 1e3 * statistics.median(tb),
-                    "ratio": statistics.median(y / x for x, y in zip(ta, tb, strict=True)),
-                }
-            )
+        latency_rows = tool_module("tools/bench_device.py").latency_rows
+        out = latency_rows(
+            plain,
+            lambda rows: run_offline(rec.handler, rec.context, rows),
+            [{"data": b} for b in blobs],
+            repeats,
+            batches=batches,
+        )
         rec.handler.service.recorder.close()
+    for r in out:  # the "cached" side of these rows is the recording handler
+        r["recording_ms"], r["recording_range_ms"] = r.pop("cached_ms"), r.pop("cached_range_ms")
     return out
 
 

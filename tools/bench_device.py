@@ -51,9 +51,9 @@ EPILOG = """examples:
 
 
 def latency_rows(
-    original: Callable[[torch.Tensor], Any],
-    cached: Callable[[torch.Tensor], Any],
-    x: torch.Tensor,
+    original: Callable[[Any], Any],
+    cached: Callable[[Any], Any],
+    x: torch.Tensor | Sequence[Any],
     repeats: int,
     *,
     seed: int = 0,
@@ -61,20 +61,27 @@ def latency_rows(
 ) -> list[dict[str, Any]]:
     """Original vs cached per batch size: ``repeats`` fresh real batches, each timed 3 rounds, interleaved.
 
+    ``x`` is the pool batches are drawn from: a tensor (a batch is its rows, on its device) or a sequence of
+    requests (a batch is a list of them).
+
     Returns one row per batch size: medians and min-max in ms; ``ratio`` is the median over rounds of
     cached / original timed back to back in that round (a paired estimate: a slow phase of a shared machine hits
     both calls of a round alike), ``ratio_of_medians`` the ratio of the two medians.
     """
     rng = np.random.default_rng(seed)
+    device = x.device if isinstance(x, torch.Tensor) else None
     rows = []
     for b in progress(batches, "latency"):
         ta: list[float] = []
         tb: list[float] = []
         for _ in range(repeats):
-            idx = torch.from_numpy(rng.choice(len(x), size=b, replace=len(x) < b))
-            xb = x[idx.to(x.device)].contiguous()
+            idx = rng.choice(len(x), size=b, replace=len(x) < b)
+            if isinstance(x, torch.Tensor):
+                xb: Any = x[torch.from_numpy(idx).to(x.device)].contiguous()
+            else:
+                xb = [x[i] for i in idx]
             calls = {"a": lambda xb=xb: original(xb), "b": lambda xb=xb: cached(xb)}
-            t = interleaved(calls, rounds=3, device=x.device)
+            t = interleaved(calls, rounds=3, device=device)
             ta += t["a"]
             tb += t["b"]
         ma, mb = statistics.median(ta), statistics.median(tb)
@@ -125,12 +132,18 @@ def load_bundle(bundle: Path, device: torch.device) -> tuple[nn.Module, CachedMo
 
 
 @torch.inference_mode()
-def answers(backbone: nn.Module, cached: CachedModel, x: torch.Tensor, labels: np.ndarray) -> dict[str, Any]:
-    """Agreement with the backbone, GT accuracy and exits of the cached model over ``x``, batches of 32."""
+def predictions(backbone: nn.Module, cached: CachedModel, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-1 of the backbone and of the cached model (Algorithm 1, batches of 32) over ``x``, and each row's exit
+    (position in ``cached.nodes``, -1 for the backbone)."""
     pred_b = torch.cat([backbone(x[i : i + 256]) for i in range(0, len(x), 256)]).argmax(1).cpu().numpy()
     outs = [cached.run(x[i : i + 32], "shrink") for i in range(0, len(x), 32)]
     pred_c = torch.cat([o.logits for o in outs]).argmax(1).cpu().numpy()
-    exit_index = torch.cat([o.exit_index for o in outs]).cpu().numpy()
+    return pred_b, pred_c, torch.cat([o.exit_index for o in outs]).cpu().numpy()
+
+
+def answers(backbone: nn.Module, cached: CachedModel, x: torch.Tensor, labels: np.ndarray) -> dict[str, Any]:
+    """Agreement with the backbone, GT accuracy and exits of the cached model over ``x``."""
+    pred_b, pred_c, exit_index = predictions(backbone, cached, x)
     names = [*cached.nodes, "backbone"]
     taken = {names[k]: float((exit_index == (k if k < len(cached.nodes) else -1)).mean()) for k in range(len(names))}
     return {
@@ -162,9 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with torch.inference_mode():
         policy = measure_policy(cached, x, batch_sizes=args.batches, repeats=args.policy_repeats)
     res["policy"] = policy
-    never = CachedModel(
-        list(cached.segments), list(cached.heads), cached.nodes, cached.temperatures, [1.01] * len(cached.heads)
-    )
+    never = cached.with_thresholds([1.01] * len(cached.heads))
     variants: dict[str, Callable[[torch.Tensor], Any]] = {
         "shrink": lambda xb: cached.run(xb, "shrink"),
         "noshrink": lambda xb: cached.run(xb, "noshrink"),
