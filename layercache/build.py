@@ -28,7 +28,14 @@ from layercache.graph import Candidate, describe_nodes, find_candidates, split
 from layercache.heads import HeadSpec, build_head, head_flops, prepool, prepool_size, search_space
 from layercache.logs import decode_inputs, decode_probs
 from layercache.runtime import weights_fingerprint
-from layercache.selection import HeadEval, Selection, best_subset, evaluate_cascade, oracle_cost
+from layercache.selection import (
+    HeadEval,
+    Selection,
+    best_subset,
+    evaluate_cascade,
+    hindsight_thresholds,
+    oracle_cost,
+)
 from layercache.timing import median_seconds
 from layercache.training import TrainConfig, predict_logits, train_head
 
@@ -527,6 +534,8 @@ def _report(
     oracle = oracle_cost(flops_heads, backbone_pred[te], total_flops) if kept else total_flops
     chosen = [flops_heads[i] for i in selection.subset]
     oracle_selected = oracle_cost(chosen, backbone_pred[te], total_flops) if chosen else total_flops
+    # The selected heads with the best thresholds for these very rows: what a better threshold rule could reach.
+    hindsight = hindsight_thresholds(chosen, backbone_pred[te], total_flops, 1.0 - config.tolerance)[1]
     backbone_bytes = state.backbone_bytes
     head_bytes = sum(
         p.numel() * p.element_size() for r in (kept[i] for i in selection.subset) for p in r.head.state_dict().values()
@@ -565,6 +574,8 @@ def _report(
         "achieved_over_oracle": mean_cached / oracle if oracle else None,
         "oracle_flops_selected": oracle_selected,
         "achieved_over_oracle_selected": mean_cached / oracle_selected if oracle_selected else None,
+        "hindsight_flops_selected": hindsight,
+        "hindsight_over_oracle_selected": hindsight / oracle_selected if oracle_selected else None,
         "agreement": cascade.agreement if cascade is not None else 1.0,
         "gt_accuracy_original": cascade.gt_accuracy_backbone if cascade is not None else None,
         "gt_accuracy_cached": cascade.gt_accuracy_cached if cascade is not None else None,

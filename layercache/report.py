@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,19 @@ logger = logging.getLogger(__name__)
 
 def _pct(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}%"
+
+
+def _hindsight_lines(report: Mapping[str, Any]) -> list[str]:
+    if report.get("hindsight_flops_selected") is None:
+        return []
+    return [
+        f"Hindsight thresholds: {_mflops(report['hindsight_flops_selected'])} "
+        f"({report['hindsight_over_oracle_selected'] or float('nan'):.3f} x the selected heads' oracle), the cheapest "
+        f"thresholds for the selected heads at agreement >= {_pct(1 - report['tolerance'])}, chosen knowing the "
+        "held-out answers (no threshold rule does better on these rows; the rest of the gap to the oracle is the "
+        "heads' confidence).",
+        "",
+    ]
 
 
 def _mflops(v: float) -> str:
@@ -78,6 +92,7 @@ def markdown(report: dict[str, Any]) -> str:
         "Oracle: every row leaves at the earliest head that agrees with the backbone (the selected heads, or every "
         "trained candidate head); the limit of a cascade of those heads.",
         "",
+        *_hindsight_lines(report),
         f"FLOPs: {report['flops_counter']}.",
         "",
         "## Size",

@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ __all__ = [
     "Selection",
     "best_subset",
     "evaluate_cascade",
+    "hindsight_thresholds",
     "oracle_cost",
     "subset_score",
 ]
@@ -358,3 +360,84 @@ def oracle_cost(heads: Sequence[HeadEval], backbone_pred: np.ndarray, backbone_c
     exit_cost = np.array([backbone_cost - h.cost_rest for h in heads], dtype=np.float64) + heads_so_far
     cost = np.where(agree.any(axis=0), exit_cost[agree.argmax(axis=0)], backbone_cost + heads_so_far[-1])
     return float(cost.mean())
+
+
+def _levels(conf: np.ndarray, count: int) -> np.ndarray:
+    """Up to ``count`` candidate thresholds spread over ``conf``'s quantiles, plus one that takes no row."""
+    return np.unique(np.r_[np.quantile(np.asarray(conf, dtype=np.float64), np.linspace(0.0, 1.0, count)), math.inf])
+
+
+def hindsight_thresholds(
+    heads: Sequence[HeadEval],
+    backbone_pred: np.ndarray,
+    backbone_cost: float,
+    min_agreement: float,
+    max_combinations: int = 20_000,
+) -> tuple[tuple[float, ...], float, float]:
+    """The cheapest thresholds for a cascade of ``heads`` *knowing* which rows each head gets right.
+
+    A diagnostic, not a rule to serve with: the thresholds are chosen on the very rows they are scored on, so no
+    threshold rule chosen without those answers does better on them. Read it beside :func:`oracle_cost` (no
+    thresholds at all): the gap between the achieved cost and this one is what a better threshold rule could
+    still win; the gap between this one and the oracle needs heads whose confidence separates agreement better.
+
+    The last head's threshold is exact (every distinct confidence is tried); the earlier heads' thresholds come
+    from a quantile grid of at most ``max_combinations`` combinations.
+
+    Args:
+        heads: The cascade in depth order (conf, pred and costs are used; ``thresholds`` is ignored).
+        backbone_pred: ``(N,)`` the backbone's class per row.
+        backbone_cost: Cost per row of the whole backbone.
+        min_agreement: Smallest allowed fraction of rows answered as the backbone would, e.g. 0.99.
+
+    Returns:
+        ``(thresholds, mean_cost, agreement)`` of the cheapest feasible choice (``inf`` thresholds answer no row,
+        which is always feasible).
+
+    Raises:
+        ConfigError: on mismatched lengths or ``min_agreement`` outside ``[0, 1]``.
+    """
+    if not 0.0 <= min_agreement <= 1.0:
+        raise ConfigError(f"min_agreement must be within [0, 1], got {min_agreement}")
+    if max_combinations < 1:
+        raise ConfigError(f"max_combinations must be >= 1, got {max_combinations}")
+    backbone_pred = np.asarray(backbone_pred).reshape(-1)
+    n_rows = backbone_pred.shape[0]
+    none = tuple(math.inf for _ in heads)
+    if not heads or n_rows == 0:
+        return none, float(backbone_cost) + sum(h.cost_head for h in heads), 1.0
+    if _num_rows(heads) != n_rows:
+        raise ConfigError(f"backbone_pred has {n_rows} rows but the heads have {_num_rows(heads)}")
+    allowed_wrong = math.floor((1.0 - min_agreement) * n_rows + 1e-9)
+    wrong = [np.asarray(h.pred) != backbone_pred for h in heads]
+    per_head = max(2, int(max_combinations ** (1.0 / max(1, len(heads) - 1))))
+    grids = [_levels(h.conf, per_head) for h in heads[:-1]]
+    last = heads[-1]
+    last_conf = np.asarray(last.conf, dtype=np.float64)
+    best: tuple[float, tuple[float, ...], int] = (math.inf, none, 0)
+    for prefix in itertools.product(*grids):
+        remaining = np.ones(n_rows, dtype=bool)
+        cost = 0.0
+        n_wrong = 0
+        for h, w, threshold in zip(heads[:-1], wrong[:-1], prefix, strict=True):
+            cost += h.cost_head * np.count_nonzero(remaining)
+            hit = remaining & (np.asarray(h.conf) >= threshold)
+            n_wrong += int(np.count_nonzero(hit & w))
+            cost += (backbone_cost - h.cost_rest) * np.count_nonzero(hit)
+            remaining &= ~hit
+        if n_wrong > allowed_wrong:
+            continue
+        n_left = int(np.count_nonzero(remaining))
+        cost += (backbone_cost + last.cost_head) * n_left  # every remaining row pays the last head, then the rest
+        conf = last_conf[remaining]
+        order = np.argsort(-conf, kind="stable")
+        sorted_conf = conf[order]
+        cum_wrong = np.r_[0, np.cumsum(wrong[-1][remaining][order])]
+        ends = np.r_[0, np.nonzero(np.r_[sorted_conf[1:] != sorted_conf[:-1], True])[0] + 1] if n_left else np.r_[0]
+        ok = ends[n_wrong + cum_wrong[ends] <= allowed_wrong]
+        taken = int(ok.max())
+        total = (cost - last.cost_rest * taken) / n_rows
+        if math.isinf(best[0]) or total < best[0] - _TIE_RTOL * abs(best[0]):
+            threshold = math.inf if taken == 0 else float(sorted_conf[taken - 1])
+            best = (total, (*prefix, threshold), n_wrong + int(cum_wrong[taken]))
+    return tuple(float(t) for t in best[1]), float(best[0]), 1.0 - best[2] / n_rows

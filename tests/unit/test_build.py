@@ -185,6 +185,8 @@ def test_build_cache_makes_a_working_cache(built: BuildResult, traffic: tuple[pa
         assert report[f"achieved_over_oracle{key}"] == pytest.approx(
             report["mean_flops_cached"] / report[f"oracle_flops{key}"]
         )
+    # Thresholds chosen knowing the held-out answers lie between the oracle and the original.
+    assert report["oracle_flops_selected"] <= report["hindsight_flops_selected"] <= report["mean_flops_original"]
     assert [e["node"] for e in report["exits"]] == list(spec.nodes)
     for e, exit_spec in zip(report["exits"], spec.exits, strict=True):
         assert {"node", "threshold", "hit_rate", "cache_accuracy"} <= set(e)

@@ -108,6 +108,8 @@ def make_report() -> dict[str, Any]:
         "achieved_over_oracle": 1.5,
         "oracle_flops_selected": 24_000_000.0,
         "achieved_over_oracle_selected": 1.25,
+        "hindsight_flops_selected": 27_000_000.0,
+        "hindsight_over_oracle_selected": 1.125,
         "agreement": 0.995,
         "gt_accuracy_original": 0.91,
         "gt_accuracy_cached": 0.905,
@@ -173,6 +175,8 @@ def test_report_markdown_lists_exits_and_candidates(written: tuple[Path, list[Pa
     assert "| `layer3.0.relu_1` | [64, 7, 7] | 5.0M | - | 0.00% |  | no head beat chance (0.100) |" in md
     assert "| `layer1.0.relu_1` | [16, 28, 28] | 30.0M | p1 | 95.00% | yes |  |" in md
     assert "Agreement with the backbone: 99.50%" in md
+    assert "Hindsight thresholds: 27.0M (1.125 x the selected heads' oracle)" in md
+    assert "agreement >= 99.00%" in md
     assert "Build time: 12.5 s." in md
 
 
@@ -183,6 +187,8 @@ def test_report_markdown_without_exits() -> None:
     md = markdown(report)
     assert "| - | no head pays off at this tolerance | | | | | | |" in md
     assert "| nan |" in md
+    del report["hindsight_flops_selected"]  # reports written before the hindsight figure existed
+    assert "Hindsight" not in markdown(report)
 
 
 @pytest.mark.parametrize("name", ["head_layer1_0_relu_1.png", "head_layer2_1_relu_1.png"])

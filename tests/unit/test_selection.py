@@ -14,6 +14,7 @@ from layercache.selection import (
     Selection,
     best_subset,
     evaluate_cascade,
+    hindsight_thresholds,
     oracle_cost,
     subset_score,
 )
@@ -202,3 +203,53 @@ def test_oracle_cost_by_hand() -> None:
     expected = (3 + 9 + 9 + 3 + 16 + 14) / 6
     assert oracle_cost(_heads(), BACKBONE, BACKBONE_COST) == pytest.approx(expected)
     assert oracle_cost([], BACKBONE, BACKBONE_COST) == BACKBONE_COST
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_hindsight_thresholds_equal_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_rows = 40
+    heads = _random_heads(rng, 2, n_rows)
+    backbone = rng.integers(0, 3, n_rows)
+    for h in heads:  # heads that agree more often when surer, as trained heads do
+        h.pred[h.conf > 0.5] = backbone[h.conf > 0.5]
+    sel = Selection((0, 1), 0.0, (0.0, 0.0))
+    best = math.inf
+    levels = [np.r_[np.unique(h.conf), math.inf] for h in heads]
+    for thr in itertools.product(*levels):
+        r = evaluate_cascade(heads, Selection(sel.subset, 0.0, thr), backbone, None, BACKBONE_COST)
+        if r.agreement >= 0.9:
+            best = min(best, r.mean_cost)
+    # a grid as fine as the rows makes the search exhaustive
+    thresholds, cost, agreement = hindsight_thresholds(heads, backbone, BACKBONE_COST, 0.9, max_combinations=10_000)
+    assert cost == pytest.approx(best)
+    check = evaluate_cascade(heads, Selection((0, 1), 0.0, thresholds), backbone, None, BACKBONE_COST)
+    assert check.mean_cost == pytest.approx(cost)
+    assert check.agreement == pytest.approx(agreement)
+    assert agreement >= 0.9
+
+
+def test_hindsight_thresholds_reach_the_oracle_when_confidence_separates() -> None:
+    # confidence 0.9 exactly where the head agrees with the backbone: thresholds at 0.9 are the oracle
+    heads = [
+        HeadEval(h.node, np.where(h.pred == BACKBONE, 0.9, 0.2), h.pred, h.thresholds, h.cost_head, h.cost_rest)
+        for h in _heads()
+    ]
+    thresholds, cost, agreement = hindsight_thresholds(heads, BACKBONE, BACKBONE_COST, 1.0)
+    assert agreement == 1.0
+    assert cost == pytest.approx(oracle_cost(heads, BACKBONE, BACKBONE_COST))
+    # no budget at all and a head that is surest where it is wrong: answering nothing is the only choice
+    liar = [HeadEval("n", np.array([0.1, 0.1, 0.1, 0.1, 0.9, 0.1]), np.array([1, 1, 2, 0, 0, 1]), np.zeros(1), 1.0, 8.0)]
+    thresholds, cost, agreement = hindsight_thresholds(liar, BACKBONE, BACKBONE_COST, 1.0)
+    assert thresholds == (math.inf,) and cost == BACKBONE_COST + 1.0 and agreement == 1.0
+    thresholds, cost, agreement = hindsight_thresholds(liar, BACKBONE, BACKBONE_COST, 5 / 6)
+    assert thresholds == (0.1,) and cost == pytest.approx(BACKBONE_COST - 8.0 + 1.0)
+    assert agreement == pytest.approx(5 / 6)
+
+
+def test_hindsight_thresholds_errors_and_empty() -> None:
+    with pytest.raises(ConfigError, match="min_agreement"):
+        hindsight_thresholds(_heads(), BACKBONE, BACKBONE_COST, 1.5)
+    with pytest.raises(ConfigError, match="rows"):
+        hindsight_thresholds(_heads(), BACKBONE[:3], BACKBONE_COST, 0.9)
+    assert hindsight_thresholds([], BACKBONE, BACKBONE_COST, 0.9) == ((), BACKBONE_COST, 1.0)
