@@ -239,7 +239,9 @@ def test_hindsight_thresholds_reach_the_oracle_when_confidence_separates() -> No
     assert agreement == 1.0
     assert cost == pytest.approx(oracle_cost(heads, BACKBONE, BACKBONE_COST))
     # no budget at all and a head that is surest where it is wrong: answering nothing is the only choice
-    liar = [HeadEval("n", np.array([0.1, 0.1, 0.1, 0.1, 0.9, 0.1]), np.array([1, 1, 2, 0, 0, 1]), np.zeros(1), 1.0, 8.0)]
+    liar = [
+        HeadEval("n", np.array([0.1, 0.1, 0.1, 0.1, 0.9, 0.1]), np.array([1, 1, 2, 0, 0, 1]), np.zeros(1), 1.0, 8.0)
+    ]
     thresholds, cost, agreement = hindsight_thresholds(liar, BACKBONE, BACKBONE_COST, 1.0)
     assert thresholds == (math.inf,) and cost == BACKBONE_COST + 1.0 and agreement == 1.0
     thresholds, cost, agreement = hindsight_thresholds(liar, BACKBONE, BACKBONE_COST, 5 / 6)
