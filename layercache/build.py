@@ -62,8 +62,9 @@ class BuildConfig:
         nodes: explicit candidate layers (fx node names); ``None`` finds them automatically.
         replay_batch: batch size for replaying logged inputs through the backbone.
         latency_batch: batch size at which ``--cost latency`` times segments and heads.
-        margin_z: thresholds keep an upper confidence bound (``w + z*sqrt(w+1)`` wrong hits) within each head's
-            budget, so the drop measured on a finite validation split also holds on unseen traffic (0: Eq. 3 as is).
+        margin_z: thresholds keep an upper confidence bound on the wrong hits within each head's budget (exact
+            Poisson bound at the level of a standard normal z, 1.28 = 90%: ``calibration.poisson_upper_bound``), so
+            the drop measured on a finite validation split also holds on unseen traffic (0: Eq. 3 as is).
         max_head_fraction: heads costing more than this fraction of the FLOPs after their layer are not tried.
         max_head_flops: nor heads above this many FLOPs per sample (bounds training time on a CPU).
     """

@@ -1,8 +1,9 @@
 """Benchmarks: the paper's tables (section 5) for original vs cached, measured side by side in one run.
 
-Workload: the benchmark ResNet-18 (CIFAR stem) trained on Fashion-MNIST in ``../shared/backbones``; the first
-7,000 test images are the recorded traffic, the last 3,000 are never seen by the build and are what every table
-is measured on. Sections (``--sections``):
+Workload (``--workload``): the benchmark ResNet-18 (CIFAR stem) trained on Fashion-MNIST in ``../shared/backbones``
+(``resnet18``, the headline), or torchvision's stock MobileNetV2 trained here by ``tools/train_backbone.py`` on
+first use (``mobilenet_v2``, same inputs and handler). The first 7,000 test images are the recorded traffic, the
+last 3,000 are never seen by the build and are what every table is measured on. Sections (``--sections``):
 
 * ``trunk``: TorchServe end to end on the 3,000 unseen images: agreement, GT accuracy, mean FLOPs from the exits.
 * ``tables``: Table 2 (per exit), Table 3 (FLOPs, oracle), Table 4 (size, live tensor memory).
@@ -28,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,34 @@ logger = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "resnet18_fmnist"
 SHARED = ROOT.parent / "shared" / "backbones" / "resnet18_fmnist.fp16.pt"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A benchmarked classifier: its TorchServe model file and class, handler and weights.
+
+    ``weights`` None: trained by ``tools/train_backbone.py --arch <key>`` into ``OUT/backbone.pt`` on first use.
+    """
+
+    name: str
+    model_file: Path
+    model_class: str
+    handler: Path
+    weights: Path | None
+
+
+WORKLOADS = {
+    "resnet18": Workload(
+        "resnet18_fmnist", EXAMPLE / "resnet18_cifar.py", "ResNet18CIFAR", EXAMPLE / "fmnist_resnet_handler.py", SHARED
+    ),
+    "mobilenet_v2": Workload(
+        "mobilenet_v2_fmnist",
+        ROOT / "examples" / "mobilenet_v2_fmnist" / "mobilenet_v2_fmnist.py",
+        "MobileNetV2FMNIST",
+        EXAMPLE / "fmnist_resnet_handler.py",  # the same 3x32x32 Fashion-MNIST preprocessing
+        None,
+    ),
+}
 SECTIONS = ("trunk", "tables", "latency", "overhead", "policy", "recording", "serving", "tradeoff", "bundle")
 BATCHES = (1, 8, 16, 32, 64, 128)
 TOLERANCES = (0.0025, 0.005, 0.01, 0.02, 0.05)
@@ -60,20 +90,27 @@ EPILOG = """examples:
   python tools/bench.py --out bench-out                      # everything (about 25 minutes on 2 cores)
   python tools/bench.py --out bench-out --sections latency,overhead --repeats 7
   python tools/bench.py --out bench-out --sections trunk --tolerance 0.01
+  python tools/bench.py --workload mobilenet_v2 --out bench-out/mobilenet_v2 --sections tables,latency,tradeoff
 """
 
 
 # --------------------------------------------------------------------------------------------------- workload
-def prepare(out: Path, traffic: int, evaluate: int) -> dict[str, Path]:
-    """Archive the shared ResNet-18 as a plain .mar, wrap it, write traffic and evaluation images."""
-    if not SHARED.is_file():
-        raise SystemExit(f"benchmark backbone {SHARED} not found (the benchmarks read ../shared/backbones)")
+def prepare(out: Path, traffic: int, evaluate: int, workload: Workload = WORKLOADS["resnet18"]) -> dict[str, Path]:
+    """Archive the workload's classifier as a plain .mar, wrap it, write traffic and evaluation images."""
+    weights = workload.weights or out / "backbone.pt"
+    if workload.weights is None and not weights.is_file():
+        arch = next(k for k, w in WORKLOADS.items() if w == workload)
+        if tool_main("tools/train_backbone.py")(["--arch", arch, "-o", str(weights), "--quiet"]):
+            raise SystemExit(f"training {arch} failed")
+    if not weights.is_file():
+        raise SystemExit(f"benchmark backbone {weights} not found (the benchmarks read ../shared/backbones)")
     store = out / "model-store"
     paths = {
+        "weights": weights,
         "store": store,
-        "mar": store / "resnet18_fmnist.mar",
-        "rec": store / "resnet18_fmnist_rec.mar",
-        "cached": store / "resnet18_fmnist_cached.mar",
+        "mar": store / f"{workload.name}.mar",
+        "rec": store / f"{workload.name}_rec.mar",
+        "cached": store / f"{workload.name}_cached.mar",
         "logs": out / "logs",
         "report": out / "report",
         "traffic": out / "traffic",
@@ -81,11 +118,11 @@ def prepare(out: Path, traffic: int, evaluate: int) -> dict[str, Path]:
     }
     if not paths["mar"].exists():
         archive_classifier(
-            model_name="resnet18_fmnist",
+            model_name=workload.name,
             version="1.0",
-            model_file=EXAMPLE / "resnet18_cifar.py",
-            weights=SHARED,
-            handler=EXAMPLE / "fmnist_resnet_handler.py",
+            model_file=workload.model_file,
+            weights=weights,
+            handler=workload.handler,
             output=paths["mar"],
             extra_files=[EXAMPLE / "index_to_name.json"],
             config={"batchSize": 8, "maxBatchDelay": 20},
@@ -253,7 +290,7 @@ def latency(models: Models, repeats: int, seed: int = 0, cached: Any = None) -> 
     return latency_rows(models.backbone, cached or models.cached.run, models.x, repeats, seed=seed, batches=BATCHES)
 
 
-def write_bundle(paths: dict[str, Path], models: Models, dest: Path) -> Path:
+def write_bundle(paths: dict[str, Path], models: Models, dest: Path, workload: Workload) -> Path:
     """What ``tools/bench_device.py`` needs on a machine without TorchServe or ``../shared`` (about 41 MB)."""
     import shutil
     import zipfile
@@ -261,13 +298,13 @@ def write_bundle(paths: dict[str, Path], models: Models, dest: Path) -> Path:
     from layercache.config import CACHE_SPEC_FILE, HEADS_FILE
 
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(EXAMPLE / "resnet18_cifar.py", dest / "model.py")
-    shutil.copyfile(SHARED, dest / "backbone.pt")
+    shutil.copyfile(workload.model_file, dest / "model.py")
+    shutil.copyfile(paths["weights"], dest / "backbone.pt")
     with zipfile.ZipFile(paths["cached"]) as z:
         for name in (CACHE_SPEC_FILE, HEADS_FILE):
             (dest / name).write_bytes(z.read(name))
     torch.save({"x": models.x.half(), "labels": torch.from_numpy(models.labels)}, dest / "eval.pt")
-    (dest / "bundle.json").write_text(json.dumps({"model_class": "ResNet18CIFAR", "images": len(models.x)}))
+    (dest / "bundle.json").write_text(json.dumps({"model_class": workload.model_class, "images": len(models.x)}))
     return dest
 
 
@@ -336,11 +373,7 @@ def serve(
         )
         with TorchServeProcess(model_store=store, env={"OMP_NUM_THREADS": "2", "LAYERCACHE_LOG_DIR": str(logs)}) as ts:
             client = ts.client()
-            models = {
-                "original": "resnet18_fmnist.mar",
-                "cached": "resnet18_fmnist_cached.mar",
-                "recording": "resnet18_fmnist_rec.mar",
-            }
+            models = {"original": paths["mar"].name, "cached": paths["cached"].name, "recording": paths["rec"].name}
             for name, mar in models.items():
                 client.register(mar, f"m_{name}", initial_workers=1, batch_size=8, max_batch_delay_ms=20)
             base = ts.inference_url
@@ -456,7 +489,13 @@ def machine() -> str:
 
 def markdown(res: dict[str, Any], command: str) -> str:
     pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"
-    lines = [f"Command: `{command}`  ", f"Machine: {res['machine']}  ", f"Date: {res['date']}", ""]
+    lines = [
+        f"Workload: `{res.get('workload', 'resnet18_fmnist')}`  ",
+        f"Command: `{command}`  ",
+        f"Machine: {res['machine']}  ",
+        f"Date: {res['date']}",
+        "",
+    ]
     if "build" in res:
         b = res["build"]
         lines += [
@@ -612,6 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bench.py", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="work and result dir (default: bench-out)")
+    p.add_argument(
+        "--workload", choices=sorted(WORKLOADS), default="resnet18", help="classifier benchmarked (default: resnet18)"
+    )
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated of {SECTIONS} (default: all)")
     p.add_argument("--tolerance", type=float, default=0.01, help="build tolerance (default: 0.01)")
     p.add_argument("--cost", choices=("flops", "latency"), default="flops", help="build's --cost (default: flops)")
@@ -635,10 +677,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown sections {bad}; choose from {SECTIONS}")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
-    paths = prepare(args.out, args.traffic, args.eval)
+    workload = WORKLOADS[args.workload]
+    paths = prepare(args.out, args.traffic, args.eval, workload)
     res_path = args.out / "bench.json"
     res: dict[str, Any] = json.loads(res_path.read_text()) if res_path.exists() else {}
-    res.update({"machine": machine(), "date": datetime.now(UTC).strftime("%Y-%m-%d")})
+    res.update({"machine": machine(), "date": datetime.now(UTC).strftime("%Y-%m-%d"), "workload": workload.name})
     if args.rebuild or not paths["cached"].exists():
         res["build"] = record_and_build(paths, args.tolerance, args.cost)
     report = json.loads((paths["report"] / "report.json").read_text())
@@ -675,7 +718,9 @@ def main(argv: list[str] | None = None) -> int:
             res["recording"] = recording_cost(paths, args.repeats)
             save()
         if "bundle" in sections:
-            logger.info("device bundle written to %s", write_bundle(paths, models, args.out / "device-bundle"))
+            logger.info(
+                "device bundle written to %s", write_bundle(paths, models, args.out / "device-bundle", workload)
+            )
     if {"trunk", "serving"} & set(sections):
         conc = [int(c) for c in args.concurrency.split(",")] if "serving" in sections else []
         served = serve(paths, report, conc, args.repeats if conc else 0, args.requests)

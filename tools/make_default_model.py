@@ -16,11 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from layercache.archive import archive_classifier  # noqa: E402
-from layercache.cli import progress, setup_logging  # noqa: E402
+from layercache.cli import setup_logging  # noqa: E402
 from layercache.datasets import load_fashion_mnist  # noqa: E402
+from layercache.entry import tool_module  # noqa: E402
 
 logger = logging.getLogger("make_default_model")
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fashion_cnn"
@@ -41,25 +41,8 @@ def train(samples: int, epochs: int, seed: int, batch: int = 128) -> torch.nn.Mo
     images, labels = load_fashion_mnist("train")
     x = (torch.from_numpy(images[:samples]).float().div(255).unsqueeze(1) - MEAN) / STD
     y = torch.from_numpy(labels[:samples].astype(np.int64))
-    model = FashionCNN()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    steps = epochs * ((len(x) + batch - 1) // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in progress(range(epochs), "epochs"):
-        perm = torch.randperm(len(x), generator=gen)
-        for s in range(0, len(x), batch):
-            i = perm[s : s + batch]
-            xb = x[i]
-            if torch.rand(1, generator=gen).item() < 0.5:
-                xb = xb.flip(3)
-            loss = F.cross_entropy(model(xb), y[i])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
+    fit = tool_module("tools/train_backbone.py").fit
+    return fit(FashionCNN(), x, y, epochs, seed, batch=batch)
 
 
 def accuracy(model: torch.nn.Module, n: int = 2000) -> float:

@@ -12,6 +12,7 @@ from layercache.calibration import (
     budget_thresholds,
     confidences,
     fit_temperature,
+    poisson_upper_bound,
     threshold_for_budget,
 )
 from layercache.errors import ConfigError
@@ -114,3 +115,40 @@ def test_confidences() -> None:
     assert conf_hot[0] == pytest.approx(0.9)  # 3**2 / (1 + 3**2)
     with pytest.raises(ConfigError, match="temperature"):
         confidences(logits, 0.0)
+
+
+def _poisson_cdf(k: int, mean: float) -> float:
+    return math.fsum(math.exp(i * math.log(mean) - mean - math.lgamma(i + 1)) for i in range(k + 1))
+
+
+@pytest.mark.parametrize("z", [1.28, 1.645, 2.5])
+def test_poisson_upper_bound_holds_its_level(z: float) -> None:
+    counts = np.array([0, 1, 2, 3, 5, 10, 40, 300])
+    bound = poisson_upper_bound(counts, z)
+    alpha = 0.5 * math.erfc(z / math.sqrt(2))
+    for k, u in zip(counts, bound, strict=True):
+        assert _poisson_cdf(int(k), float(u)) == pytest.approx(alpha, rel=1e-6)
+    assert (np.diff(bound) > 0).all()
+    # the normal approximation is below the exact bound at the counts a validation split gives
+    assert (bound[:5] > counts[:5] + z * np.sqrt(counts[:5] + 1.0)).all()
+    assert poisson_upper_bound(np.array([0]), 1.28)[0] == pytest.approx(-math.log(0.5 * math.erfc(1.28 / math.sqrt(2))))
+
+
+def test_poisson_upper_bound_errors() -> None:
+    with pytest.raises(ConfigError, match="z must be > 0"):
+        poisson_upper_bound(np.array([1]), 0.0)
+    with pytest.raises(ConfigError, match=">= 0"):
+        poisson_upper_bound(np.array([-1]), 1.28)
+
+
+def test_threshold_margin_uses_the_exact_bound() -> None:
+    # 1000 rows by falling confidence, wrong at ranks 10, 20 and 30; budget 0.005 = 5 wrong hits.
+    conf = np.linspace(1.0, 0.0, 1000, endpoint=False)
+    correct = np.ones(1000, dtype=bool)
+    correct[[10, 20, 30]] = False
+    assert threshold_for_budget(conf, correct, 0.005) == conf[-1]  # 3 wrong <= 5: every row
+    # exact 90% bounds: 1 wrong -> 3.89 <= 5, 2 wrong -> 5.32 > 5 (the normal approximation, 4.22, would allow 2)
+    assert threshold_for_budget(conf, correct, 0.005, z=1.28) == conf[19]
+    assert threshold_for_budget(conf, correct, 0.0022, z=1.28) == math.inf  # even 0 wrong -> 2.30 > 2.2
+    assert threshold_for_budget(conf, correct, 0.0023, z=1.28) == conf[9]
+    assert budget_thresholds(conf, correct, 0.01, max_position=2, z=1.28).tolist() == [conf[19], conf[9]]

@@ -21,7 +21,7 @@ import torch
 from layercache.archive import CACHED_HANDLER, RECORDING_HANDLER, read_mar
 from layercache.config import CACHE_SPEC_FILE, SAMPLE_FILE, CacheSpec
 from layercache.datasets import load_fashion_mnist, write_image_folder
-from layercache.entry import tool_main
+from layercache.entry import tool_main, tool_module
 from layercache.logs import act_nodes_of, read_logs
 from layercache.torchserve_adapter import EXIT_HEADER, open_mar, run_offline
 
@@ -33,6 +33,7 @@ TOOLS = [
     "tools/make_default_model.py",
     "tools/swap_version.py",
     "tools/bench_device.py",
+    "tools/train_backbone.py",
 ]
 IMAGES = 200
 
@@ -343,3 +344,31 @@ def test_bench_device_measures_a_bundle_without_torchserve(pipeline: dict[str, P
     (bundle / "eval.pt").unlink()
     with pytest.raises(SystemExit, match=r"lacks \['eval.pt'\]"):
         tool("tools/bench_device.py")([*argv, "--out", str(out)])
+
+
+def test_train_backbone_inputs_are_the_served_ones_and_weights_load(tmp_path: Path) -> None:
+    """The second benchmark workload: trained on what its handler serves, and archivable as a TorchServe model."""
+    import importlib.util
+
+    from PIL import Image
+
+    train = tool_module("tools/train_backbone.py")
+    spec = importlib.util.spec_from_file_location(
+        "fmnist_resnet_handler", ROOT / "examples" / "resnet18_fmnist" / "fmnist_resnet_handler.py"
+    )
+    handler = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(handler)
+    images, _ = load_fashion_mnist("test")
+    served = torch.stack([handler._to_input(Image.fromarray(im)) for im in images[:4]])
+    assert torch.allclose(train.to_input(images[:4]), served, atol=1e-6)
+
+    out = tmp_path / "m.pt"
+    argv = ["--arch", "mobilenet_v2", "-o", str(out), "--samples", "64", "--epochs", "1", "--device", "cpu"]
+    assert tool("tools/train_backbone.py")([*argv, "--quiet"]) == 0
+    model = train.load_model("mobilenet_v2")
+    model.load_state_dict(torch.load(out, weights_only=True))  # every key, every shape
+    assert model(served).shape == (4, 10)
+    with pytest.raises(SystemExit):
+        tool("tools/train_backbone.py")(argv)  # exists, no --force
+    with pytest.raises(SystemExit, match="unknown --arch"):
+        train.load_model("vgg")
