@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layercache.calibration import budget_thresholds, confidences, fit_temperature
+from layercache.calibration import budget_thresholds, confidences, fit_temperature, poisson_upper_bound
 from layercache.config import CacheSpec, ExitSpec
 from layercache.errors import ConfigError, LogError
 from layercache.graph import Candidate, describe_nodes, find_candidates, split
@@ -434,6 +434,17 @@ def search(
     )
 
 
+def min_tolerance(n_val: int, margin_z: float) -> float:
+    """Smallest tolerance at which a head can answer at all: the first cascade position's budget (tolerance/2) must
+    cover the upper bound of zero wrong hits on ``n_val`` validation rows (2.30 rows at z = 1.28). 0 without margin.
+    """
+    if margin_z <= 0:
+        return 0.0
+    if n_val < 1:
+        raise ConfigError(f"n_val must be >= 1, got {n_val}")
+    return 2.0 * float(poisson_upper_bound(np.zeros(1), margin_z)[0]) / n_val
+
+
 def finalize(state: SearchState, tolerance: float | None = None) -> BuildResult:
     """Thresholds for ``tolerance`` (default: the config's), subset selection (4.4), spec and report."""
     config = state.config if tolerance is None else replace(state.config, tolerance=tolerance)
@@ -452,6 +463,17 @@ def finalize(state: SearchState, tolerance: float | None = None) -> BuildResult:
         r.test_eval = HeadEval(r.candidate.node, conf_te, hp_te, thresholds, c1, c2)
         gt_te = None if state.labels is None else hp_te == state.labels[te]
         r.test_curve = _curve(conf_te, hp_te == state.backbone_pred[te], gt_te)
+    floor = min_tolerance(len(va), config.margin_z)
+    if kept and config.tolerance < floor:
+        logger.warning(
+            "tolerance %g is below what %d validation rows can vouch for (%.4f): even a head with no wrong answer "
+            "there may exceed tolerance/2 on unseen traffic, so no head answers. Record more traffic or raise "
+            "--tolerance to at least %.4f",
+            config.tolerance,
+            len(va),
+            floor,
+            floor,
+        )
     selection = best_subset([r.val_eval for r in kept]) if kept else Selection((), 0.0, ())
     chosen = [kept[i] for i in selection.subset]
     exits = tuple(
@@ -576,6 +598,7 @@ def _report(
         "oracle_flops_selected": oracle_selected,
         "achieved_over_oracle_selected": mean_cached / oracle_selected if oracle_selected else None,
         "hindsight_flops_selected": hindsight,
+        "min_tolerance": min_tolerance(len(idx[1]), config.margin_z),
         "hindsight_over_oracle_selected": hindsight / oracle_selected if oracle_selected else None,
         "agreement": cascade.agreement if cascade is not None else 1.0,
         "gt_accuracy_original": cascade.gt_accuracy_backbone if cascade is not None else None,

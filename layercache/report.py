@@ -74,6 +74,13 @@ def markdown(report: dict[str, Any]) -> str:
         )
     if not report["exits"]:
         lines.append("| - | no head pays off at this tolerance | | | | | | |")
+    floor = report.get("min_tolerance")
+    if floor and report["tolerance"] < floor:
+        lines += [
+            "",
+            f"Tolerance {report['tolerance']} is below the {floor:.4f} that {report['rows']['val']} validation rows "
+            "can vouch for: record more traffic or raise `--tolerance`.",
+        ]
     lines += [
         "",
         f"Agreement with the backbone: {_pct(report['agreement'])}. GT accuracy original "

@@ -8,6 +8,7 @@ every cut: a pooled-linear head can learn it from a few hundred rows.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -17,7 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layercache.build import BuildConfig, BuildResult, build_cache, labels_to_index, pick_trials, split_indices
+from layercache.build import (
+    BuildConfig,
+    BuildResult,
+    build_cache,
+    finalize,
+    labels_to_index,
+    min_tolerance,
+    pick_trials,
+    search,
+    split_indices,
+)
 from layercache.errors import ConfigError, LogError
 from layercache.graph import count_flops
 from layercache.heads import search_space
@@ -231,3 +242,21 @@ def test_same_seed_same_cache(built: BuildResult, traffic: tuple[pa.Table, np.nd
 def test_too_few_rows(traffic: tuple[pa.Table, np.ndarray]) -> None:
     with pytest.raises(LogError, match="only 49 logged requests; a build needs at least 50"):
         build_cache(make_backbone(), traffic[0].slice(0, 49), CONFIG)
+
+
+def test_a_tolerance_below_what_the_validation_rows_can_vouch_for(
+    traffic: tuple[pa.Table, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    assert min_tolerance(1400, 1.28) == pytest.approx(2 * 2.2999 / 1400, rel=1e-4)
+    assert min_tolerance(1400, 0.0) == 0.0
+    state = search(make_backbone(), traffic[0], CONFIG)
+    n_val = len(state.idx[1])
+    floor = min_tolerance(n_val, CONFIG.margin_z)
+    with caplog.at_level(logging.WARNING, logger="layercache.build"):
+        low = finalize(state, floor * 0.9)
+    assert low.spec.exits == () and low.report["min_tolerance"] == pytest.approx(floor)
+    assert f"below what {n_val} validation rows can vouch for" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="layercache.build"):
+        finalize(state, 0.1)
+    assert "vouch for" not in caplog.text

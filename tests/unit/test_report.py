@@ -189,6 +189,9 @@ def test_report_markdown_without_exits() -> None:
     assert "| nan |" in md
     del report["hindsight_flops_selected"]  # reports written before the hindsight figure existed
     assert "Hindsight" not in markdown(report)
+    assert "can vouch for" not in md
+    report["min_tolerance"] = 0.02
+    assert "Tolerance 0.01 is below the 0.0200 that 200 validation rows can vouch for" in markdown(report)
 
 
 @pytest.mark.parametrize("name", ["head_layer1_0_relu_1.png", "head_layer2_1_relu_1.png"])
