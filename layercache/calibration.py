@@ -151,7 +151,7 @@ def _threshold(levels: np.ndarray, wrong: np.ndarray, n: int, budget: float, z: 
         raise ConfigError(f"confidence margin z must be >= 0, got {z}")
     # Upper confidence bound on the wrong-hit count: the threshold is chosen on a finite validation split, and unseen
     # traffic should still stay within the budget. Exact, not k + z*sqrt(k + 1): at the handful of wrong hits a
-    # budget allows, the normal approximation let a head take 2.4x its budget on unseen images (BENCHMARKS.md).
+    # budget allows, the normal approximation let a head overrun its budget on unseen images (BENCHMARKS.md, Notes).
     ucb = poisson_upper_bound(wrong, z) if z > 0 else wrong
     # ucb is non-decreasing as the threshold falls, so the feasible levels are a prefix.
     feasible = int(np.searchsorted(ucb, budget * n + _COUNT_SLACK, side="right"))
