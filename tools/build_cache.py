@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import NormalDist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -57,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.01,
         help="accepted accuracy drop, 0.01 = 1 point (default: 0.01); it must be at least about 4.6 / (validation "
         "rows, 20%% of the logged requests) for any head to answer: 0.0033 for 7,000 requests",
+    )
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=None,
+        help="how sure each head's threshold must be to keep its wrong answers within its share of the tolerance "
+        "(one-sided, exact Poisson bound on the validation split): higher is safer on unseen traffic and saves "
+        "less (default: 0.9, BuildConfig.margin_z = 1.28)",
     )
     p.add_argument("-o", "--output", type=Path, help="cached archive to write (.mar); required unless --list-layers")
     p.add_argument("--report", type=Path, default=None, help="report dir: report.json, report.md, PNGs (default: none)")
@@ -118,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.output} exists; pass --force to overwrite it")
     if not 0 < args.tolerance < 1:
         parser.error(f"--tolerance {args.tolerance} must be in (0, 1), e.g. 0.01")
+    if args.confidence is not None and not 0.5 < args.confidence < 1:
+        parser.error(f"--confidence {args.confidence} must be in (0.5, 1), e.g. 0.9 or 0.95")
     if args.device != "cpu":
         logger.warning("--device %s: the build runs on the CPU in this version", args.device)
     t0 = time.perf_counter()
@@ -160,6 +171,7 @@ def _run(args: argparse.Namespace, t0: float) -> int:
             cost=args.cost,
             train=TrainConfig(epochs=args.epochs, patience=3, seed=args.seed, num_threads=args.train_threads),
             nodes=tuple(args.layers.split(",")) if args.layers else None,
+            **({} if args.confidence is None else {"margin_z": NormalDist().inv_cdf(args.confidence)}),
         )
         torch.manual_seed(args.seed)
         result = build_cache(backbone, table, config, index_to_name=index_to_name, progress=progress)

@@ -263,6 +263,12 @@ def test_user_mistakes_are_parser_errors(
             ],
             "must be in \\(0, 1\\)",
         ),
+        (
+            "tools/build_cache.py",
+            ["--mar", str(pipeline["rec"]), "--logs", str(pipeline["logs"]), "-o", str(tmp_path / "z.mar")]
+            + ["--confidence", "1.2"],
+            "--confidence 1.2 must be in \\(0.5, 1\\)",
+        ),
         ("tools/make_default_model.py", ["-o", str(pipeline["mar"])], "exists; pass --force"),
     ]
     for rel, argv, match in cases:
@@ -372,3 +378,20 @@ def test_train_backbone_inputs_are_the_served_ones_and_weights_load(tmp_path: Pa
         tool("tools/train_backbone.py")(argv)  # exists, no --force
     with pytest.raises(SystemExit, match="unknown --arch"):
         train.load_model("vgg")
+
+
+def test_build_cache_confidence_sets_the_margin(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    """--confidence reaches the thresholds' bound: a surer build needs a larger tolerance floor."""
+    from statistics import NormalDist
+
+    from layercache.build import min_tolerance
+
+    argv = ["--mar", str(pipeline["rec"]), "--logs", str(pipeline["logs"]), "--trials", "1", "--epochs", "5"]
+    argv += ["--tolerance", "0.2", "--confidence", "0.99", "-o", str(tmp_path / "c.mar"), "--report", str(tmp_path)]
+    assert tool("tools/build_cache.py")([*argv, "--quiet"]) == 0
+    sure = json.loads((tmp_path / "report.json").read_text())
+    default = json.loads((pipeline["report"] / "report.json").read_text())
+    n_val = sure["rows"]["val"]
+    assert sure["min_tolerance"] == pytest.approx(min_tolerance(n_val, NormalDist().inv_cdf(0.99)))
+    assert default["min_tolerance"] == pytest.approx(min_tolerance(n_val, 1.28))
+    assert sure["min_tolerance"] > default["min_tolerance"]
