@@ -144,15 +144,21 @@ def poisson_upper_bound(counts: np.ndarray, z: float) -> np.ndarray:
     return hi.numpy()
 
 
-def _threshold(levels: np.ndarray, wrong: np.ndarray, n: int, budget: float, z: float = 0.0) -> float:
-    if budget < 0 or math.isnan(budget):
-        raise ConfigError(f"accuracy-drop budget must be >= 0, got {budget}")
+def _wrong_bound(wrong: np.ndarray, z: float) -> np.ndarray:
+    """The wrong-hit count per level as the thresholds count it: its upper confidence bound for ``z`` > 0.
+
+    The threshold is chosen on a finite validation split, and unseen traffic should still stay within the budget.
+    Exact, not k + z*sqrt(k + 1): at the handful of wrong hits a budget allows, the normal approximation let a head
+    overrun its budget on unseen images (BENCHMARKS.md, Notes).
+    """
     if z < 0:
         raise ConfigError(f"confidence margin z must be >= 0, got {z}")
-    # Upper confidence bound on the wrong-hit count: the threshold is chosen on a finite validation split, and unseen
-    # traffic should still stay within the budget. Exact, not k + z*sqrt(k + 1): at the handful of wrong hits a
-    # budget allows, the normal approximation let a head overrun its budget on unseen images (BENCHMARKS.md, Notes).
-    ucb = poisson_upper_bound(wrong, z) if z > 0 else wrong
+    return poisson_upper_bound(wrong, z) if z > 0 else wrong
+
+
+def _threshold(levels: np.ndarray, ucb: np.ndarray, n: int, budget: float) -> float:
+    if budget < 0 or math.isnan(budget):
+        raise ConfigError(f"accuracy-drop budget must be >= 0, got {budget}")
     # ucb is non-decreasing as the threshold falls, so the feasible levels are a prefix.
     feasible = int(np.searchsorted(ucb, budget * n + _COUNT_SLACK, side="right"))
     return math.inf if feasible == 0 else float(levels[feasible - 1])
@@ -179,7 +185,7 @@ def threshold_for_budget(conf: np.ndarray, correct: np.ndarray, budget: float, z
         ConfigError: on empty/mismatched inputs or a negative budget.
     """
     levels, wrong, n = _budget_curve(conf, correct)
-    return _threshold(levels, wrong, n, budget, z)
+    return _threshold(levels, _wrong_bound(wrong, z), n, budget)
 
 
 def budget_thresholds(
@@ -194,7 +200,8 @@ def budget_thresholds(
     if max_position < 1:
         raise ConfigError(f"max_position must be >= 1, got {max_position}")
     levels, wrong, n = _budget_curve(conf, correct)
+    ucb = _wrong_bound(wrong, z)  # once for every position
     return np.array(
-        [_threshold(levels, wrong, n, tolerance / 2**pos, z) for pos in range(1, max_position + 1)],
+        [_threshold(levels, ucb, n, tolerance / 2**pos) for pos in range(1, max_position + 1)],
         dtype=np.float64,
     )
