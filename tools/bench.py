@@ -60,9 +60,10 @@ SHARED = ROOT.parent / "shared" / "backbones" / "resnet18_fmnist.fp16.pt"
 class Workload:
     """A benchmarked classifier: its TorchServe model file and class, handler and weights.
 
-    ``weights`` None: trained by ``tools/train_backbone.py --arch <key>`` into ``OUT/backbone.pt`` on first use.
+    ``weights`` None: trained by ``tools/train_backbone.py --arch <arch>`` into ``OUT/backbone.pt`` on first use.
     """
 
+    arch: str
     name: str
     model_file: Path
     model_class: str
@@ -72,9 +73,15 @@ class Workload:
 
 WORKLOADS = {
     "resnet18": Workload(
-        "resnet18_fmnist", EXAMPLE / "resnet18_cifar.py", "ResNet18CIFAR", EXAMPLE / "fmnist_resnet_handler.py", SHARED
+        "resnet18",
+        "resnet18_fmnist",
+        EXAMPLE / "resnet18_cifar.py",
+        "ResNet18CIFAR",
+        EXAMPLE / "fmnist_resnet_handler.py",
+        SHARED,
     ),
     "mobilenet_v2": Workload(
+        "mobilenet_v2",
         "mobilenet_v2_fmnist",
         ROOT / "examples" / "mobilenet_v2_fmnist" / "mobilenet_v2_fmnist.py",
         "MobileNetV2FMNIST",
@@ -99,9 +106,8 @@ def prepare(out: Path, traffic: int, evaluate: int, workload: Workload = WORKLOA
     """Archive the workload's classifier as a plain .mar, wrap it, write traffic and evaluation images."""
     weights = workload.weights or out / "backbone.pt"
     if workload.weights is None and not weights.is_file():
-        arch = next(k for k, w in WORKLOADS.items() if w == workload)
-        if tool_main("tools/train_backbone.py")(["--arch", arch, "-o", str(weights), "--quiet"]):
-            raise SystemExit(f"training {arch} failed")
+        if tool_main("tools/train_backbone.py")(["--arch", workload.arch, "-o", str(weights), "--quiet"]):
+            raise SystemExit(f"training {workload.arch} failed")
     if not weights.is_file():
         raise SystemExit(f"benchmark backbone {weights} not found (the benchmarks read ../shared/backbones)")
     store = out / "model-store"

@@ -43,16 +43,12 @@ def to_input(images: np.ndarray) -> torch.Tensor:
 
 def load_model(arch: str) -> torch.nn.Module:
     """A fresh model of ``arch`` from its example model file."""
-    import importlib.util
+    from layercache.entry import tool_module
 
     if arch not in ARCHS:
         raise SystemExit(f"unknown --arch {arch!r}; choose from {sorted(ARCHS)}")
     path, cls = ARCHS[arch]
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, cls)()
+    return tool_module("tools/bench_device.py").load_model_class(path, cls)()
 
 
 def fit(
