@@ -383,7 +383,8 @@ def hindsight_thresholds(
 
     The last head's threshold is exact (every distinct confidence is tried); the earlier heads' thresholds come
     from a quantile grid of at most ``max_combinations`` combinations, as fine as the rows for a cascade of two
-    heads (exact then), coarser beyond (then the cost returned can only be above the true best).
+    heads on up to ``max_combinations`` rows (exact then), coarser beyond (then the cost returned can only be
+    above the true best).
 
     Args:
         heads: The cascade in depth order (conf, pred and costs are used; ``thresholds`` is ignored).
