@@ -6,12 +6,14 @@ from setuptools import find_packages, setup
 
 setup(
     name="layercache",
-    version="0.1.0",
+    version="0.2.0",
     description="Layer caching for TorchServe image classifiers (Abedi et al.): record, build, serve, swap",
     long_description=Path(__file__).with_name("README.md").read_text() if Path("README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["layercache", "layercache.*"]),
+    # The handler files shipped in every .mar and TorchServe's log configuration travel with the package.
+    package_data={"layercache": ["handlers/*.py", "resources/*.xml"]},
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",
@@ -26,14 +28,13 @@ setup(
         "matplotlib",
         "pillow",
     ],
-    # The tools live in the source tree (python tools/build_cache.py ...); the console scripts call them.
-    py_modules=[],
+    # The commands are library modules (layercache/cli/); tools/*.py run the same ones from a checkout.
     entry_points={
         "console_scripts": [
-            "layercache-wrap=layercache.entry:wrap_mar",
-            "layercache-record=layercache.entry:record",
-            "layercache-build=layercache.entry:build_cache",
-            "layercache-swap=layercache.entry:swap_version",
+            "layercache-wrap=layercache.cli.wrap:main",
+            "layercache-record=layercache.cli.record:main",
+            "layercache-build=layercache.cli.build:main",
+            "layercache-swap=layercache.cli.swap:main",
         ]
     },
 )

@@ -124,20 +124,21 @@ def extract_mar(path: Path, dest: Path) -> MarInfo:
     return info
 
 
-def repo_handler_path(name: str) -> Path:
-    """Path of a layercache handler file (``handler/<name>`` beside the package)."""
-    path = Path(__file__).resolve().parents[1] / "handler" / name
+def handler_path(name: str) -> Path:
+    """Path of a layercache handler file, shipped as package data (``layercache/handlers/<name>``)."""
+    path = Path(__file__).resolve().parent / "handlers" / name
     if not path.is_file():
-        raise ArchiveError(
-            f"handler file {path} not found. Hint: run layercache from its source tree (python archiver/wrap_mar.py)"
-        )
+        raise ArchiveError(f"handler file {path} not found: the layercache package is incomplete; reinstall it")
     return path
 
 
 def _copy_package(dest: Path) -> None:
     src = Path(__file__).resolve().parent
     shutil.copytree(
-        src, dest / "layercache", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "testing"), dirs_exist_ok=True
+        src,
+        dest / "layercache",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "testing", "cli"),
+        dirs_exist_ok=True,
     )
 
 
@@ -217,7 +218,7 @@ def package(
         export.mkdir()
         cfg = ModelArchiverConfig(
             model_name=info.model_name,
-            handler=str(repo_handler_path(handler_file)),
+            handler=str(handler_path(handler_file)),
             version=version or info.version,
             serialized_file=str(source_dir / info.serialized_file) if info.serialized_file else None,
             model_file=str(source_dir / info.model_file) if info.model_file else None,

@@ -26,7 +26,6 @@ from layercache.config import CacheSpec, ExitSpec
 from layercache.errors import ConfigError, LogError
 from layercache.graph import Candidate, describe_nodes, find_candidates, split
 from layercache.heads import HeadSpec, build_head, head_flops, prepool, prepool_size, search_space
-from layercache.logs import decode_inputs, decode_probs
 from layercache.runtime import weights_fingerprint
 from layercache.selection import (
     HeadEval,
@@ -37,6 +36,7 @@ from layercache.selection import (
     oracle_cost,
 )
 from layercache.timing import median_seconds
+from layercache.trafficlog import decode_inputs, decode_probs
 from layercache.training import TrainConfig, predict_logits, train_head
 
 logger = logging.getLogger(__name__)
@@ -509,7 +509,7 @@ def build_cache(
     index_to_name: dict[str, str] | None = None,
     progress: Progress = _no_progress,
 ) -> BuildResult:
-    """Build a cache for ``backbone`` from logged traffic ``table`` (see :func:`layercache.logs.read_logs`).
+    """Build a cache for ``backbone`` from logged traffic ``table`` (see :func:`layercache.trafficlog.read_logs`).
 
     Example:
         >>> result = build_cache(backbone, read_logs(Path("logs/m")), BuildConfig(tolerance=0.01))

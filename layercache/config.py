@@ -28,8 +28,12 @@ YAML_SECTION = "layercache"
 LOG_DIR_ENV = "LAYERCACHE_LOG_DIR"
 #: Response header naming the exit that answered a prediction (a head's fx node name, or ``backbone``).
 EXIT_HEADER = "X-Layercache-Exit"
-MODES = ("record", "cached")
-POLICIES = ("auto", "startup", "stored")
+#: What a layercache handler does: ``record`` (original answers, traffic logged) or ``cached`` (early exits).
+HANDLER_MODES = ("record", "cached")
+#: Where a cached worker gets its per-batch-size policy (see :attr:`HandlerConfig.policy_source`).
+POLICY_SOURCES = ("auto", "startup", "stored")
+# Keys of the layercache: section that were renamed: old name -> new name (old archives still load).
+_RENAMED_KEYS = {"policy": "policy_source"}
 
 
 def from_mapping(cls: type[T], data: Mapping[str, Any] | None, *, where: str) -> T:
@@ -74,7 +78,8 @@ class HandlerConfig:
         max_log_gb: cap on the whole log dir; rows beyond it are dropped and counted (``None``: no cap).
         input_shape: expected per-request input shape after preprocess; rows of another shape get HTTP 400.
         explain_steps: integrated-gradient steps for ``/explanations``.
-        policy: where a cached worker gets its per-batch-size mode (shrink / no-shrink / backbone only):
+        policy_source: where a cached worker gets its per-batch-size policy (shrink / no-shrink / backbone only
+            per batch size; called ``policy`` before 0.2, which is still read):
             ``startup`` times the three on the device the worker runs on, on logged inputs shipped in the archive,
             before it takes traffic; ``stored`` uses what ``build_cache.py --policy`` measured on the build
             machine (shrink everywhere if it did not); ``auto`` is ``startup`` on a GPU, ``stored`` elsewhere.
@@ -90,13 +95,13 @@ class HandlerConfig:
     max_log_gb: float | None = 10.0
     input_shape: tuple[int, ...] | None = None
     explain_steps: int = 15
-    policy: str = "auto"
+    policy_source: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"layercache.mode={self.mode!r} is not one of {MODES}")
-        if self.policy not in POLICIES:
-            raise ConfigError(f"layercache.policy={self.policy!r} is not one of {POLICIES}")
+        if self.mode not in HANDLER_MODES:
+            raise ConfigError(f"layercache.mode={self.mode!r} is not one of {HANDLER_MODES}")
+        if self.policy_source not in POLICY_SOURCES:
+            raise ConfigError(f"layercache.policy_source={self.policy_source!r} is not one of {POLICY_SOURCES}")
         if self.segment_mb <= 0:
             raise ConfigError(f"layercache.segment_mb={self.segment_mb} must be > 0")
         if self.max_log_gb is not None and self.max_log_gb <= 0:
@@ -112,6 +117,14 @@ class HandlerConfig:
         section = (yaml_config or {}).get(YAML_SECTION)
         if section is not None and not isinstance(section, Mapping):
             raise ConfigError(f"model-config.yaml '{YAML_SECTION}:' must be a mapping, got {type(section).__name__}")
+        section = dict(section or {})
+        for old, new in _RENAMED_KEYS.items():
+            if old in section:
+                if new in section:
+                    raise ConfigError(
+                        f"model-config.yaml '{YAML_SECTION}:' has both {old!r} and its new name {new!r}; keep {new!r}"
+                    )
+                section[new] = section.pop(old)
         return from_mapping(cls, section, where=f"model-config.yaml section '{YAML_SECTION}:'")
 
     def to_yaml_dict(self) -> dict[str, Any]:

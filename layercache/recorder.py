@@ -4,7 +4,7 @@ TorchServe SIGKILLs workers on stop and scale-down, so nothing may wait for a sh
 :meth:`Recorder.append` writes its record batch to the process's segment and hands it to the OS before returning
 (the page cache survives SIGKILL). A segment is an Arrow IPC *stream*, so a reader recovers every complete batch
 of a file whose writer died mid-batch. The writer holds ``fcntl.flock(LOCK_EX)`` on its segment; the kernel drops
-it when the process dies, which is how :func:`layercache.logs.compact` tells orphaned segments from live ones.
+it when the process dies, which is how :func:`layercache.trafficlog.compact` tells orphaned segments from live ones.
 
 Example::
 
@@ -29,7 +29,7 @@ from typing import Self
 
 import pyarrow as pa
 
-from layercache import logs
+from layercache import trafficlog
 from layercache.errors import ConfigError, LogError
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class RecorderConfig:
 def _dir_bytes(log_dir: Path) -> int:
     """Bytes of the regular files directly in ``log_dir`` and in its segment dir."""
     total = 0
-    for directory in (log_dir, logs.segment_dir(log_dir)):
+    for directory in (log_dir, trafficlog.segment_dir(log_dir)):
         try:
             entries = list(os.scandir(directory))
         except FileNotFoundError:
@@ -116,7 +116,7 @@ class _Segment:
     """One open, locked segment file and its IPC stream writer."""
 
     def __init__(self, log_dir: Path, schema: pa.Schema) -> None:
-        directory = logs.segment_dir(log_dir)
+        directory = trafficlog.segment_dir(log_dir)
         directory.mkdir(parents=True, exist_ok=True)
         self.pid = os.getpid()
         stem = f"seg-{_host_tag()}-{self.pid}-{time.time_ns()}"
@@ -168,7 +168,7 @@ class Recorder:
 
     Args:
         config: where and how much to record.
-        schema: the row schema, from :func:`layercache.logs.make_schema`; every batch must have it.
+        schema: the row schema, from :func:`layercache.trafficlog.make_schema`; every batch must have it.
     """
 
     def __init__(self, config: RecorderConfig, schema: pa.Schema) -> None:
@@ -318,13 +318,13 @@ class Recorder:
 
     def _compact_quietly(self, segment: Path) -> None:
         try:
-            logs.compact_segment(segment)
+            trafficlog.compact_segment(segment)
         except Exception:
             logger.exception("compacting segment %s failed; a later compaction will retry", segment)
 
     def _compact_orphans(self) -> None:
         try:
-            logs.compact(self.config.log_dir)
+            trafficlog.compact(self.config.log_dir)
         except Exception:
             logger.exception("compacting orphaned segments of %s failed", self.config.log_dir)
 

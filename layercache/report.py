@@ -9,11 +9,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from layercache.evaluation import pct
+
 logger = logging.getLogger(__name__)
-
-
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}%"
 
 
 def _hindsight_lines(report: Mapping[str, Any]) -> list[str]:
@@ -22,7 +20,7 @@ def _hindsight_lines(report: Mapping[str, Any]) -> list[str]:
     return [
         f"Hindsight thresholds: {_mflops(report['hindsight_flops_selected'])} "
         f"({report['hindsight_over_oracle_selected'] or float('nan'):.3f} x the selected heads' oracle), the cheapest "
-        f"thresholds for the selected heads at agreement >= {_pct(1 - report['tolerance'])}, chosen knowing the "
+        f"thresholds for the selected heads at agreement >= {pct(1 - report['tolerance'])}, chosen knowing the "
         "held-out answers (no threshold rule does better on these rows; the rest of the gap to the oracle is the "
         "heads' confidence).",
         "",
@@ -31,25 +29,6 @@ def _hindsight_lines(report: Mapping[str, Any]) -> list[str]:
 
 def _mflops(v: float) -> str:
     return f"{v / 1e6:.1f}M"
-
-
-def exit_flops(report: dict[str, Any]) -> dict[str, float]:
-    """FLOPs of one request by the exit it took (``X-Layercache-Exit`` value), from a build report.
-
-    A request leaving at exit k ran the backbone up to that exit's node (``total - flops_remaining_k``) and the
-    heads of exits 1..k; a request reaching the end (``backbone``) ran the whole backbone and every head.
-    Heads with an infinite threshold never run and cost nothing.
-    """
-    total = float(report["mean_flops_original"])
-    costs: dict[str, float] = {}
-    heads = 0.0
-    for e in report["exits"]:
-        if not math.isfinite(float(e["threshold"])):
-            continue
-        heads += float(e["head_flops"])
-        costs[e["node"]] = total - float(e["flops_remaining"]) + heads
-    costs["backbone"] = total + heads
-    return costs
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -69,8 +48,8 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for i, e in enumerate(report["exits"], 1):
         lines.append(
-            f"| {i} | `{e['node']}` | {e['head']} | {e['threshold']:.4f} | {_pct(e['hit_rate'])} | "
-            f"{_pct(e['cache_accuracy'])} | {_pct(e['gt_accuracy'])} | {_pct(e['accuracy_effect'])} |"
+            f"| {i} | `{e['node']}` | {e['head']} | {e['threshold']:.4f} | {pct(e['hit_rate'])} | "
+            f"{pct(e['cache_accuracy'])} | {pct(e['gt_accuracy'])} | {pct(e['accuracy_effect'])} |"
         )
     if not report["exits"]:
         lines.append("| - | no head pays off at this tolerance | | | | | | |")
@@ -83,8 +62,8 @@ def markdown(report: dict[str, Any]) -> str:
         ]
     lines += [
         "",
-        f"Agreement with the backbone: {_pct(report['agreement'])}. GT accuracy original "
-        f"{_pct(report['gt_accuracy_original'])}, cached {_pct(report['gt_accuracy_cached'])}.",
+        f"Agreement with the backbone: {pct(report['agreement'])}. GT accuracy original "
+        f"{pct(report['gt_accuracy_original'])}, cached {pct(report['gt_accuracy_cached'])}.",
         "",
         "## FLOPs per request (paper Table 3)",
         "",
@@ -115,7 +94,7 @@ def markdown(report: dict[str, Any]) -> str:
     for c in report["candidates"]:
         lines.append(
             f"| `{c['node']}` | {c['shape']} | {_mflops(c['flops_remaining'])} | {c['head'] or '-'} | "
-            f"{_pct(c['val_agreement'])} | {'yes' if c['selected'] else ''} | {c['discarded'] or ''} |"
+            f"{pct(c['val_agreement'])} | {'yes' if c['selected'] else ''} | {c['discarded'] or ''} |"
         )
     lines += ["", f"Build time: {report.get('build_seconds', 'n/a')} s.", ""]
     return "\n".join(lines)

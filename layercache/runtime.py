@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 BACKBONE = "backbone"
 BACKBONE_EXIT = -1
-MODES = ("shrink", "noshrink", "backbone")
+#: How :meth:`CachedModel.run` runs a batch: Algorithm 1, heads without shrinking, or the backbone alone.
+RUN_MODES = ("shrink", "noshrink", "backbone")
 
 
 def validate_policy(policy: Mapping[str, str]) -> dict[str, str]:
@@ -37,8 +38,8 @@ def validate_policy(policy: Mapping[str, str]) -> dict[str, str]:
     for k, v in policy.items():
         if not str(k).isdigit() or int(k) < 1:
             raise ConfigError(f"policy key {k!r} must be a batch size >= 1 written as a string, e.g. '32'")
-        if v not in MODES:
-            raise ConfigError(f"policy mode {v!r} for batch {k} is not one of {MODES}")
+        if v not in RUN_MODES:
+            raise ConfigError(f"policy mode {v!r} for batch {k} is not one of {RUN_MODES}")
         out[str(int(k))] = v
     return out
 
@@ -115,7 +116,9 @@ class CachedModel(nn.Module):
         self.temperatures = tuple(float(t) for t in temperatures)
         self.thresholds = tuple(float(t) for t in thresholds)
         self.shrink = shrink
-        self.policy = policy or {}
+        self._policy = validate_policy(policy or {})
+        # Sorted once here, not on every request.
+        self._policy_steps = sorted((int(k), v) for k, v in self._policy.items())
 
     @classmethod
     def from_spec(
@@ -171,20 +174,26 @@ class CachedModel(nn.Module):
             policy=self.policy,
         ).train(self.training)
 
+    def with_policy(self, policy: Mapping[str, str]) -> CachedModel:
+        """The same segments, heads and thresholds with another per-batch-size policy."""
+        return CachedModel(
+            list(self.segments),
+            list(self.heads),
+            self.nodes,
+            self.temperatures,
+            self.thresholds,
+            shrink=self.shrink,
+            policy=policy,
+        ).train(self.training)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits in request order (see :class:`CachedOutput`)."""
         return self.run(x).logits
 
     @property
     def policy(self) -> dict[str, str]:
-        """``{"<min batch>": mode}`` (see the class docstring)."""
+        """``{"<min batch>": mode}`` (see the class docstring); :meth:`with_policy` gives a model with another."""
         return dict(self._policy)
-
-    @policy.setter
-    def policy(self, policy: Mapping[str, str]) -> None:
-        self._policy = validate_policy(policy)
-        # Sorted once here, not on every request.
-        self._policy_steps = sorted((int(k), v) for k, v in self._policy.items())
 
     def mode_for(self, batch: int) -> str:
         """The mode this model uses for a batch of ``batch`` rows (policy, else shrink / noshrink)."""
@@ -204,8 +213,8 @@ class CachedModel(nn.Module):
         """
         batch = x.shape[0]
         mode = mode or self.mode_for(batch)
-        if mode not in MODES:
-            raise ConfigError(f"mode {mode!r} is not one of {MODES}")
+        if mode not in RUN_MODES:
+            raise ConfigError(f"mode {mode!r} is not one of {RUN_MODES}")
         if mode == "backbone":
             h = x
             for seg in self.segments:
@@ -345,11 +354,11 @@ def measure_policy(
     gen = torch.Generator().manual_seed(seed)
     policy: dict[str, str] = {}
     for b in batch_sizes:
-        times: dict[str, list[float]] = {m: [] for m in MODES}
+        times: dict[str, list[float]] = {m: [] for m in RUN_MODES}
         for _ in range(repeats):
             idx = torch.randint(0, inputs.shape[0], (b,), generator=gen)
             xb = inputs[idx].to(device=device, dtype=torch.float32).contiguous()
-            calls = {m: (lambda m=m, xb=xb: model.run(xb, m)) for m in MODES}
+            calls = {m: (lambda m=m, xb=xb: model.run(xb, m)) for m in RUN_MODES}
             for m, t in interleaved(calls, rounds=1, warmup=1, device=device).items():
                 times[m].append(t[0])
         medians = {m: sorted(t)[len(t) // 2] for m, t in times.items()}

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from layercache.errors import ConfigError
+from layercache.progress import progress
 
-__all__ = ["interleaved", "median_seconds", "seconds", "sync"]
+__all__ = ["interleaved", "latency_rows", "median_seconds", "seconds", "sync"]
 
 
 def sync(device: torch.device | str | None) -> None:
@@ -75,3 +77,52 @@ def interleaved(
         for name, fn in calls.items():
             times[name].append(seconds(fn, device))
     return times
+
+
+def latency_rows(
+    original: Callable[[Any], Any],
+    cached: Callable[[Any], Any],
+    x: torch.Tensor | Sequence[Any],
+    repeats: int,
+    *,
+    seed: int = 0,
+    batches: Sequence[int] = (1, 8, 16, 32, 64, 128),
+) -> list[dict[str, Any]]:
+    """Original vs cached per batch size: ``repeats`` fresh real batches, each timed 3 rounds, interleaved.
+
+    ``x`` is the pool batches are drawn from: a tensor (a batch is its rows, on its device) or a sequence of
+    requests (a batch is a list of them).
+
+    Returns one row per batch size: medians and min-max in ms; ``ratio`` is the median over rounds of
+    cached / original timed back to back in that round (a paired estimate: a slow phase of a shared machine hits
+    both calls of a round alike), ``ratio_of_medians`` the ratio of the two medians.
+    """
+    rng = np.random.default_rng(seed)
+    device = x.device if isinstance(x, torch.Tensor) else None
+    rows = []
+    for b in progress(batches, "latency"):
+        ta: list[float] = []
+        tb: list[float] = []
+        for _ in range(repeats):
+            idx = rng.choice(len(x), size=b, replace=len(x) < b)
+            if isinstance(x, torch.Tensor):
+                xb: Any = x[torch.from_numpy(idx).to(x.device)].contiguous()
+            else:
+                xb = [x[i] for i in idx]
+            calls = {"a": lambda xb=xb: original(xb), "b": lambda xb=xb: cached(xb)}
+            t = interleaved(calls, rounds=3, device=device)
+            ta += t["a"]
+            tb += t["b"]
+        ma, mb = statistics.median(ta), statistics.median(tb)
+        rows.append(
+            {
+                "batch": b,
+                "original_ms": 1e3 * ma,
+                "cached_ms": 1e3 * mb,
+                "ratio": statistics.median(tb_i / ta_i for ta_i, tb_i in zip(ta, tb, strict=True)),
+                "ratio_of_medians": mb / ma,
+                "original_range_ms": [1e3 * min(ta), 1e3 * max(ta)],
+                "cached_range_ms": [1e3 * min(tb), 1e3 * max(tb)],
+            }
+        )
+    return rows

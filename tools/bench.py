@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,23 +33,46 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install`
 
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from layercache.archive import archive_classifier, wrap_for_recording  # noqa: E402
-from layercache.cli import progress, setup_logging  # noqa: E402
+from layercache.build import BuildConfig  # noqa: E402
+from layercache.cli import run_command, setup_logging  # noqa: E402
 from layercache.config import HandlerConfig  # noqa: E402
 from layercache.datasets import load_fashion_mnist, write_image_folder  # noqa: E402
-from layercache.entry import tool_main, tool_module  # noqa: E402
-from layercache.report import exit_flops  # noqa: E402
-from layercache.runtime import BACKBONE, CachedModel  # noqa: E402
-from layercache.testing.load import Run, send_all, summarize  # noqa: E402
-from layercache.torchserve_adapter import open_mar  # noqa: E402
+from layercache.errors import LayercacheError  # noqa: E402
+from layercache.evaluation import (  # noqa: E402
+    Answers,
+    exit_flops,
+    exit_table,
+    from_run,
+    model_answers,
+    name_to_index,
+    pct,
+    score,
+    summarize_latency,
+)
+from layercache.loading import load_cached  # noqa: E402
+from layercache.offline import open_mar, record_images, run_offline  # noqa: E402
+from layercache.pipeline import BuildRequest, build_cached_archive  # noqa: E402
+from layercache.progress import progress  # noqa: E402
+from layercache.runtime import CachedModel  # noqa: E402
+from layercache.testing.backbones import machine  # noqa: E402
+from layercache.testing.bundle import write_bundle  # noqa: E402
+from layercache.testing.load import Run, send_all  # noqa: E402
+from layercache.timing import latency_rows  # noqa: E402
 
 logger = logging.getLogger("bench")
+
+
+class BenchError(LayercacheError):
+    """A benchmark step cannot run (missing weights, data or a failed step): exit status 1."""
+
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "resnet18_fmnist"
 SHARED = ROOT.parent / "shared" / "backbones" / "resnet18_fmnist.fp16.pt"
@@ -106,10 +128,12 @@ def prepare(out: Path, traffic: int, evaluate: int, workload: Workload = WORKLOA
     """Archive the workload's classifier as a plain .mar, wrap it, write traffic and evaluation images."""
     weights = workload.weights or out / "backbone.pt"
     if workload.weights is None and not weights.is_file():
-        if tool_main("tools/train_backbone.py")(["--arch", workload.arch, "-o", str(weights), "--quiet"]):
-            raise SystemExit(f"training {workload.arch} failed")
+        raise BenchError(
+            f"{weights} not found: train it first with python tools/train_backbone.py --arch {workload.arch} "
+            f"-o {weights}"
+        )
     if not weights.is_file():
-        raise SystemExit(f"benchmark backbone {weights} not found (the benchmarks read ../shared/backbones)")
+        raise BenchError(f"benchmark backbone {weights} not found (the benchmarks read ../shared/backbones)")
     store = out / "model-store"
     paths = {
         "weights": weights,
@@ -149,47 +173,19 @@ def prepare(out: Path, traffic: int, evaluate: int, workload: Workload = WORKLOA
 
 
 def record_and_build(paths: dict[str, Path], tolerance: float, cost: str) -> dict[str, Any]:
-    """tools/record.py over the traffic images, then tools/build_cache.py (both in-process, as a user runs them)."""
-    build_cache_main, record_main = tool_main("tools/build_cache.py"), tool_main("tools/record.py")
-
+    """Record the traffic images offline (as ``tools/record.py`` does), then build the cache from the logs."""
     if not any(paths["logs"].glob("*.parquet")):
-        rc = record_main(
-            [
-                "--mar",
-                str(paths["rec"]),
-                "--images",
-                str(paths["traffic"]),
-                "--log-dir",
-                str(paths["logs"]),
-                "--batch-size",
-                "64",
-                "--quiet",
-            ]
-        )
-        if rc:
-            raise SystemExit("recording failed")
+        record_images(paths["rec"], paths["traffic"], paths["logs"], batch_size=64)
     t0 = time.perf_counter()
-    rc = build_cache_main(
-        [
-            "--mar",
-            str(paths["mar"]),
-            "--logs",
-            str(paths["logs"]),
-            "--tolerance",
-            str(tolerance),
-            "--cost",
-            cost,
-            "-o",
-            str(paths["cached"]),
-            "--report",
-            str(paths["report"]),
-            "--force",
-            "--quiet",
-        ]
+    request = BuildRequest(
+        mar=paths["mar"],
+        logs=paths["logs"],
+        output=paths["cached"],
+        config=BuildConfig(tolerance=tolerance, cost=cost),
+        report_dir=paths["report"],
+        force=True,
     )
-    if rc:
-        raise SystemExit("build failed")
-    report = json.loads((paths["report"] / "report.json").read_text())
+    report = build_cached_archive(request).report
     report["bench_build_wall_s"] = round(time.perf_counter() - t0, 1)
     return report
 
@@ -201,15 +197,15 @@ def eval_images(folder: Path) -> tuple[list[bytes], np.ndarray]:
 
 # --------------------------------------------------------------------------------------------- model-level
 class Models:
-    """Backbone and cached model loaded from the archives, plus the preprocessed evaluation set."""
+    """Backbone and cached model loaded from the archives (as a plain nn.Module, no TorchServe), plus the
+    preprocessed evaluation set (the original handler's preprocess of each unseen PNG)."""
 
     def __init__(self, paths: dict[str, Path], tmp: Path) -> None:
-        loaded = open_mar(paths["cached"], tmp / "cached", as_served=True, handler_overrides={"record": False})
-        service = loaded.handler.service
-        self.backbone = service.backbone
-        self.cached: CachedModel = service.model
+        original = open_mar(paths["mar"], tmp / "original")
+        self.backbone = original.backbone
+        self.cached: CachedModel = load_cached(paths["cached"], tmp / "cached")
         blobs, self.labels = eval_images(paths["eval"])
-        self.x = torch.cat([service.inner.preprocess([{"data": b}]) for b in blobs])
+        self.x = original.preprocess([{"data": b} for b in blobs])
 
     def never_fire(self) -> CachedModel:
         return self.cached.with_thresholds([1.01] * len(self.cached.heads))
@@ -222,51 +218,35 @@ def tables(models: Models, report: dict[str, Any]) -> dict[str, Any]:
     from layercache.selection import HeadEval, hindsight_thresholds, oracle_cost
 
     x, labels = models.x, models.labels
-    pred_b, pred_c, exit_idx = tool_module("tools/bench_device.py").predictions(models.backbone, models.cached, x)
-    n = len(x)
-    rows = []
-    for k, node in enumerate(models.cached.nodes):
-        hit = exit_idx == k
-        rows.append(
-            {
-                "exit": k + 1,
-                "node": node,
-                "hit_rate": float(hit.mean()),
-                "cache_accuracy": float((pred_c[hit] == pred_b[hit]).mean()) if hit.any() else None,
-                "gt_accuracy": float((pred_c[hit] == labels[hit]).mean()) if hit.any() else None,
-                "effect": float(
-                    ((pred_b[hit] == labels[hit]) & (pred_c[hit] != labels[hit])).sum()
-                    - ((pred_b[hit] != labels[hit]) & (pred_c[hit] == labels[hit])).sum()
-                )
-                / n,
-            }
-        )
+    reference, cached = model_answers(models.backbone, models.cached, x)
     costs = exit_flops(report)
-    names = [*models.cached.nodes, BACKBONE]
-    flops_cached = float(np.mean([costs[names[i]] for i in exit_idx]))
+    scored = score(cached, reference=reference, labels=labels, costs=costs)
     # Oracle: every row leaves at the earliest selected head that agrees with the backbone (no thresholds).
     heads, h = [], x
-    cached = models.cached
-    for seg, head, t, e in zip(cached.segments, cached.heads, cached.temperatures, report["exits"], strict=False):
+    for seg, head, t, e in zip(
+        models.cached.segments, models.cached.heads, models.cached.temperatures, report["exits"], strict=False
+    ):
         h = torch.cat([seg(h[i : i + 256]) for i in range(0, len(h), 256)])
         logits = torch.cat([head(h[i : i + 256]) for i in range(0, len(h), 256)])
         conf, pred = confidences(logits, t)
         heads.append(HeadEval(e["node"], conf, pred, np.zeros(1), e["head_flops"], e["flops_remaining"]))
-    flops_oracle = oracle_cost(heads, pred_b, report["mean_flops_original"])
+    flops_oracle = oracle_cost(heads, reference, report["mean_flops_original"])
     # The same heads with the cheapest thresholds for these very images (chosen knowing the backbone's answers).
-    _, flops_hindsight, _ = hindsight_thresholds(heads, pred_b, report["mean_flops_original"], 1 - report["tolerance"])
+    _, flops_hindsight, _ = hindsight_thresholds(
+        heads, reference, report["mean_flops_original"], 1 - report["tolerance"]
+    )
     size_b = sum(t.numel() * t.element_size() for t in models.backbone.state_dict().values())
     size_h = sum(t.numel() * t.element_size() for t in models.cached.heads.state_dict().values())
     return {
-        "n": n,
-        "exits": rows,
-        "accuracy_original": float((pred_b == labels).mean()),
-        "accuracy_cached": float((pred_c == labels).mean()),
-        "agreement": float((pred_b == pred_c).mean()),
+        "n": len(x),
+        "exits": exit_table(cached, models.cached.nodes, reference, labels),
+        "accuracy_original": score(Answers.of(reference), labels=labels)["accuracy"],
+        "accuracy_cached": scored["accuracy"],
+        "agreement": scored["agreement"],
         "flops_original": report["mean_flops_original"],
-        "flops_cached": flops_cached,
+        "flops_cached": scored["mean_flops"],
         "flops_oracle": flops_oracle,
-        "achieved_over_oracle": flops_cached / flops_oracle,
+        "achieved_over_oracle": scored["mean_flops"] / flops_oracle,
         "flops_hindsight": flops_hindsight,
         "tolerance": report["tolerance"],
         "size_backbone_mb": size_b / 2**20,
@@ -292,34 +272,13 @@ def live_memory(models: Models, batch: int = 32, batches: int = 8) -> dict[str, 
 @torch.inference_mode()
 def latency(models: Models, repeats: int, seed: int = 0, cached: Any = None) -> list[dict[str, Any]]:
     """Per batch size: original and cached timed interleaved (A B A B) on the same real batches."""
-    latency_rows = tool_module("tools/bench_device.py").latency_rows
     return latency_rows(models.backbone, cached or models.cached.run, models.x, repeats, seed=seed, batches=BATCHES)
-
-
-def write_bundle(paths: dict[str, Path], models: Models, dest: Path, workload: Workload) -> Path:
-    """What ``tools/bench_device.py`` needs on a machine without TorchServe or ``../shared`` (about 41 MB)."""
-    import shutil
-    import zipfile
-
-    from layercache.config import CACHE_SPEC_FILE, HEADS_FILE
-
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(workload.model_file, dest / "model.py")
-    shutil.copyfile(paths["weights"], dest / "backbone.pt")
-    with zipfile.ZipFile(paths["cached"]) as z:
-        for name in (CACHE_SPEC_FILE, HEADS_FILE):
-            (dest / name).write_bytes(z.read(name))
-    torch.save({"x": models.x.half(), "labels": torch.from_numpy(models.labels)}, dest / "eval.pt")
-    (dest / "bundle.json").write_text(json.dumps({"model_class": workload.model_class, "images": len(models.x)}))
-    return dest
 
 
 def recording_cost(paths: dict[str, Path], repeats: int, batches: tuple[int, ...] = (1, 8, 32)) -> list[dict[str, Any]]:
     """Handler level, in process: the original handler's preprocess + inference + postprocess vs the recording
     handler's ``handle`` (the same, plus the split model's pooled activations and the Arrow write), on the same PNG
     batches, interleaved. What recording costs without the frontend's share of the two cores."""
-    from layercache.torchserve_adapter import run_offline
-
     blobs, _ = eval_images(paths["eval"])
     with tempfile.TemporaryDirectory() as tmp:
         original = open_mar(paths["mar"], Path(tmp) / "original")
@@ -332,25 +291,20 @@ def recording_cost(paths: dict[str, Path], repeats: int, batches: tuple[int, ...
             with torch.inference_mode():
                 return h.postprocess(h.inference(h.preprocess(rows)))
 
-        latency_rows = tool_module("tools/bench_device.py").latency_rows
-        out = latency_rows(
-            plain,
-            lambda rows: run_offline(rec.handler, rec.context, rows),
-            [{"data": b} for b in blobs],
-            repeats,
-            batches=batches,
-        )
-        rec.handler.service.recorder.close()
+        with rec:
+            out = latency_rows(
+                plain, lambda rows: run_offline(rec, rows), [{"data": b} for b in blobs], repeats, batches=batches
+            )
     for r in out:  # the "cached" side of these rows is the recording handler
         r["recording_ms"], r["recording_range_ms"] = r.pop("cached_ms"), r.pop("cached_range_ms")
     return out
 
 
 # ----------------------------------------------------------------------------------------------- serving
-def load(url: str, blobs: list[bytes], concurrency: int, name_to_index: dict[str, int]) -> tuple[Run, dict[str, Any]]:
+def load(url: str, blobs: list[bytes], concurrency: int, names: dict[str, int]) -> tuple[Run, dict[str, Any]]:
     """Closed loop: ``concurrency`` clients send ``blobs`` (each once) as fast as answers come back."""
-    run = send_all(url, blobs, concurrency, name_to_index, desc=url.rsplit("/", 1)[-1])
-    return run, {"concurrency": concurrency, **summarize(run)}
+    run = send_all(url, blobs, concurrency, names, desc=url.rsplit("/", 1)[-1])
+    return run, {"concurrency": concurrency, **summarize_latency(from_run(run))}
 
 
 def serve(
@@ -362,8 +316,7 @@ def serve(
     from layercache.testing.torchserve import TorchServeProcess
 
     blobs, labels = eval_images(paths["eval"])
-    names = json.loads((EXAMPLE / "index_to_name.json").read_text())
-    name_to_index = {v: int(k) for k, v in names.items()}
+    names = name_to_index(json.loads((EXAMPLE / "index_to_name.json").read_text()))
     out: dict[str, Any] = {"trunk": None, "load": []}
     with tempfile.TemporaryDirectory(prefix="bench-ts-") as tmp:
         store = Path(tmp) / "store"
@@ -384,25 +337,19 @@ def serve(
                 client.register(mar, f"m_{name}", initial_workers=1, batch_size=8, max_batch_delay_ms=20)
             base = ts.inference_url
             # Trunk check: every unseen image through both services.
-            runs = {
-                name: load(f"{base}/predictions/m_{name}", blobs, 8, name_to_index)[0]
-                for name in ("original", "cached")
-            }
-            po = np.array([a.predicted if a.status == 200 else -1 for a in runs["original"].answers])
-            pc = np.array([a.predicted if a.status == 200 else -1 for a in runs["cached"].answers])
-            exits = [a.exit or "?" for a in runs["cached"].answers]
-            costs = exit_flops(report)
-            flops = float(np.mean([costs.get(e, np.nan) for e in exits]))
+            runs = {name: load(f"{base}/predictions/m_{name}", blobs, 8, names)[0] for name in ("original", "cached")}
+            original, cached = from_run(runs["original"]), from_run(runs["cached"])
+            scored = score(cached, reference=original.predicted, labels=labels, costs=exit_flops(report))
             out["trunk"] = {
                 "n": len(blobs),
-                "agreement": float((po == pc).mean()),
-                "accuracy_original": float((po == labels).mean()),
-                "accuracy_cached": float((pc == labels).mean()),
+                "agreement": scored["agreement"],
+                "accuracy_original": score(original, labels=labels)["accuracy"],
+                "accuracy_cached": scored["accuracy"],
                 "flops_original": report["mean_flops_original"],
-                "flops_cached": flops,
-                "flops_ratio": flops / report["mean_flops_original"],
-                "exit_rates": {e: exits.count(e) / len(exits) for e in sorted(set(exits))},
-                "errors": runs["original"].failed + runs["cached"].failed,
+                "flops_cached": scored["mean_flops"],
+                "flops_ratio": scored["mean_flops"] / report["mean_flops_original"],
+                "exit_rates": scored["exit_rates"],
+                "errors": original.failed + cached.failed,
             }
             # Load: interleaved per repeat, medians.
             for c in concurrencies:
@@ -410,7 +357,7 @@ def serve(
                 for r in range(repeats):
                     sample = [blobs[i] for i in np.random.default_rng(r).choice(len(blobs), n_requests, False)]
                     for name in models:
-                        per[name].append(load(f"{base}/predictions/m_{name}", sample, c, name_to_index)[1])
+                        per[name].append(load(f"{base}/predictions/m_{name}", sample, c, names)[1])
                 row = {"concurrency": c}
                 for name, rs in per.items():
                     row[name] = {
@@ -428,8 +375,8 @@ def serve(
 # ------------------------------------------------------------------------------------------------ tradeoff
 def tradeoff(paths: dict[str, Path], tolerances: tuple[float, ...]) -> list[dict[str, Any]]:
     """One head search, then thresholds + subset selection per tolerance, on the build's held-out test split."""
-    from layercache.build import BuildConfig, finalize, search
-    from layercache.logs import read_logs
+    from layercache.build import finalize, search
+    from layercache.trafficlog import read_logs
 
     with tempfile.TemporaryDirectory() as tmp:
         loaded = open_mar(paths["mar"], Path(tmp) / "mar")
@@ -456,7 +403,7 @@ def tradeoff(paths: dict[str, Path], tolerances: tuple[float, ...]) -> list[dict
     return rows
 
 
-def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
+def plot_tradeoff(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -469,39 +416,15 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
         ax.annotate(f"tol {r['tolerance']}", (r["flops_ratio"], d), fontsize=7)
     ax.set_xlabel("mean FLOPs, cached / original")
     ax.set_ylabel("GT accuracy drop (points)")
-    ax.set_title("ResNet-18 / Fashion-MNIST: accuracy vs FLOPs", fontsize=9)
+    ax.set_title(f"{title}: accuracy vs FLOPs", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------ markdown
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"Python {platform.python_version()}, no GPU"
-    )
-
-
-def markdown(res: dict[str, Any], command: str) -> str:
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"
-    lines = [
-        f"Workload: `{res.get('workload', 'resnet18_fmnist')}`  ",
-        f"Command: `{command}`  ",
-        f"Machine: {res['machine']}  ",
-        f"Date: {res['date']}",
-        "",
-    ]
+def _md_build(res: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if "build" in res:
         b = res["build"]
         lines += [
@@ -510,11 +433,21 @@ def markdown(res: dict[str, Any], command: str) -> str:
             f"{len(b['exits'])} exits: " + ", ".join(f"`{e['node']}` ({e['head']})" for e in b["exits"]),
             "",
         ]
+    return lines
+
+
+def _md_log_bytes_per_row(res: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if res.get("log_bytes_per_row"):
         lines += [
             f"Recorded traffic on disk (Parquet, zstd): {res['log_bytes_per_row'] / 1024:.2f} KB per request.",
             "",
         ]
+    return lines
+
+
+def _md_trunk(res: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if res.get("trunk"):
         t = res["trunk"]
         lines += [
@@ -531,6 +464,11 @@ def markdown(res: dict[str, Any], command: str) -> str:
             "Exits taken: " + ", ".join(f"`{k}` {pct(v)}" for k, v in t["exit_rates"].items()),
             "",
         ]
+    return lines
+
+
+def _md_tables(res: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if res.get("tables"):
         t = res["tables"]
         lines += [
@@ -573,6 +511,11 @@ def markdown(res: dict[str, Any], command: str) -> str:
             f"{t['memory']['cached']:.1f} MB |",
             "",
         ]
+    return lines
+
+
+def _md_latency_overhead(res: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     for key, title in (
         ("latency", "### Table 5/6: CPU model latency per batch (median ms, min-max)"),
         ("overhead", "### Overhead: heads that never fire vs original (median ms)"),
@@ -596,6 +539,11 @@ def markdown(res: dict[str, Any], command: str) -> str:
                 "Paired: median over rounds of cached / original timed back to back in the same round.",
                 "",
             ]
+    return lines
+
+
+def _md_recording(res: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if res.get("recording"):
         lines += [
             "### Recording handler vs original handler, in process (median ms per batch)",
@@ -606,6 +554,11 @@ def markdown(res: dict[str, Any], command: str) -> str:
         for r in res["recording"]:
             lines.append(f"| {r['batch']} | {r['original_ms']:.1f} | {r['recording_ms']:.1f} | {r['ratio']:.3f} |")
         lines.append("")
+    return lines
+
+
+def _md_policy(res: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if res.get("policy"):
         lines += [
             "### Per-batch-size policy measured on this machine (`build_cache.py --policy`)",
@@ -615,6 +568,11 @@ def markdown(res: dict[str, Any], command: str) -> str:
             "| mode | " + " | ".join(res["policy"].values()) + " |",
             "",
         ]
+    return lines
+
+
+def _md_serving(res: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if res.get("serving"):
         lines += [
             "### TorchServe end to end (closed loop, medians)",
@@ -632,6 +590,11 @@ def markdown(res: dict[str, Any], command: str) -> str:
                     f"{m['p90_ms']:.0f} | {m['p99_ms']:.0f} | {m['errors']} | {ratio:.2f}x |"
                 )
         lines += ["", "Paired: median over repeats of the model's req/s over the original's in the same repeat.", ""]
+    return lines
+
+
+def _md_tradeoff(res: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if res.get("tradeoff"):
         lines += [
             "### Accuracy / FLOPs trade-off across tolerances (build's held-out split)",
@@ -648,6 +611,29 @@ def markdown(res: dict[str, Any], command: str) -> str:
                 f"{pct(r['accuracy_original'])} | {pct(r['accuracy_cached'])} | {', '.join(r['exits'])} |"
             )
         lines += ["", "![trade-off](docs/bench/tradeoff.png)", ""]
+    return lines
+
+
+def markdown(res: dict[str, Any], command: str) -> str:
+    lines = [
+        f"Workload: `{res.get('workload', 'resnet18_fmnist')}`  ",
+        f"Command: `{command}`  ",
+        f"Machine: {res['machine']}  ",
+        f"Date: {res['date']}",
+        "",
+    ]
+    for section in (
+        _md_build,
+        _md_log_bytes_per_row,
+        _md_trunk,
+        _md_tables,
+        _md_latency_overhead,
+        _md_recording,
+        _md_policy,
+        _md_serving,
+        _md_tradeoff,
+    ):
+        lines += section(res)
     return "\n".join(lines)
 
 
@@ -673,76 +659,181 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass(frozen=True)
+class BenchArgs:
+    """The parsed command line."""
+
+    out: Path
+    workload: Workload
+    sections: tuple[str, ...]
+    tolerance: float
+    cost: str
+    repeats: int
+    concurrency: tuple[int, ...]
+    requests: int
+    traffic: int
+    eval: int
+    rebuild: bool
+
+
+class Bench:
+    """What the sections share: the workload's files, the build report, the results so far (saved after each
+    section to ``OUT/bench.json``), and the models loaded once for the model-level sections."""
+
+    def __init__(self, args: BenchArgs) -> None:
+        self.args = args
+        self.paths = prepare(args.out, args.traffic, args.eval, args.workload)
+        self.res_path = args.out / "bench.json"
+        self.res: dict[str, Any] = json.loads(self.res_path.read_text()) if self.res_path.exists() else {}
+        self.res.update({"machine": machine(), "date": datetime.now(UTC).strftime("%Y-%m-%d")})
+        self.res["workload"] = args.workload.name
+        self._tmp = tempfile.TemporaryDirectory(prefix="bench-models-")
+        self._models: Models | None = None
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return json.loads((self.paths["report"] / "report.json").read_text())
+
+    def models(self) -> Models:
+        if self._models is None:
+            self._models = Models(self.paths, Path(self._tmp.name))
+        return self._models
+
+    def save(self) -> None:
+        self.res_path.write_text(json.dumps(self.res, indent=2, default=str))
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
+def step_build(bench: Bench) -> None:
+    """Record and build when asked (or when there is no cache yet); the log's bytes per request."""
+    paths = bench.paths
+    if bench.args.rebuild or not paths["cached"].exists():
+        bench.res["build"] = record_and_build(paths, bench.args.tolerance, bench.args.cost)
+    parts = sorted(paths["logs"].glob("part-*.parquet"))
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+    bench.res["log_bytes_per_row"] = sum(p.stat().st_size for p in parts) / rows if rows else None
+    kept = {k: v for k, v in bench.res.get("build", {}).items() if k.startswith("bench_")}
+    bench.res["build"] = {**bench.report, **kept}
+
+
+def step_tables(bench: Bench) -> None:
+    bench.res["tables"] = tables(bench.models(), bench.report)
+
+
+def step_latency(bench: Bench) -> None:
+    bench.res["latency"] = latency(bench.models(), bench.args.repeats)
+
+
+def step_overhead(bench: Bench) -> None:
+    rows = latency(bench.models(), bench.args.repeats, cached=bench.models().never_fire().run)
+    bench.res["overhead"] = [r for r in rows if r["batch"] in (1, 8, 32, 128)]
+
+
+def step_policy(bench: Bench) -> None:
+    from layercache.runtime import measure_policy
+
+    bench.res["policy"] = measure_policy(bench.models().cached, bench.models().x, repeats=bench.args.repeats)
+
+
+def step_recording(bench: Bench) -> None:
+    bench.res["recording"] = recording_cost(bench.paths, bench.args.repeats)
+
+
+def step_bundle(bench: Bench) -> None:
+    w, models = bench.args.workload, bench.models()
+    dest = write_bundle(
+        bench.args.out / "device-bundle",
+        model_file=w.model_file,
+        model_class=w.model_class,
+        weights=bench.paths["weights"],
+        cached_mar=bench.paths["cached"],
+        x=models.x,
+        labels=models.labels,
+    )
+    logger.info("device bundle written to %s", dest)
+
+
+def step_serving(bench: Bench) -> None:
+    """The trunk check (every unseen image through both archives), and the load table when asked."""
+    conc = list(bench.args.concurrency) if "serving" in bench.args.sections else []
+    served = serve(bench.paths, bench.report, conc, bench.args.repeats if conc else 0, bench.args.requests)
+    bench.res["trunk"] = served["trunk"]
+    if conc:
+        bench.res["serving"] = served["load"]
+
+
+def step_tradeoff(bench: Bench) -> None:
+    bench.res["tradeoff"] = tradeoff(bench.paths, TOLERANCES)
+    plot_tradeoff(bench.res["tradeoff"], bench.args.out / "tradeoff.png", bench.args.workload.name)
+
+
+#: Section -> its step, in the order they run (trunk and serving share one TorchServe).
+STEPS = {
+    "tables": step_tables,
+    "latency": step_latency,
+    "overhead": step_overhead,
+    "policy": step_policy,
+    "recording": step_recording,
+    "bundle": step_bundle,
+    "trunk": step_serving,
+    "serving": step_serving,
+    "tradeoff": step_tradeoff,
+}
+
+
+def run_bench(args: BenchArgs, command: str) -> str:
+    """Every asked section, in order; returns the Markdown (also written to ``OUT/BENCHMARKS.md``)."""
+    bench = Bench(args)
+    try:
+        step_build(bench)
+        bench.save()
+        done = set()
+        for section in (s for s in STEPS if s in args.sections):
+            step = STEPS[section]
+            if step in done:
+                continue
+            logger.info("== %s", section)
+            step(bench)
+            done.add(step)
+            bench.save()
+    finally:
+        bench.close()
+    md = markdown(bench.res, command)
+    (args.out / "BENCHMARKS.md").write_text(md)
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(args.quiet)
-    sections = [s for s in args.sections.split(",") if s]
+    ns = parser.parse_args(argv)
+    setup_logging(ns.quiet)
+    sections = tuple(s for s in ns.sections.split(",") if s)
     bad = sorted(set(sections) - set(SECTIONS))
     if bad:
         parser.error(f"unknown sections {bad}; choose from {SECTIONS}")
+    args = BenchArgs(
+        out=ns.out,
+        workload=WORKLOADS[ns.workload],
+        sections=sections,
+        tolerance=ns.tolerance,
+        cost=ns.cost,
+        repeats=ns.repeats,
+        concurrency=tuple(int(c) for c in ns.concurrency.split(",")),
+        requests=ns.requests,
+        traffic=ns.traffic,
+        eval=ns.eval,
+        rebuild=ns.rebuild,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
-    workload = WORKLOADS[args.workload]
-    paths = prepare(args.out, args.traffic, args.eval, workload)
-    res_path = args.out / "bench.json"
-    res: dict[str, Any] = json.loads(res_path.read_text()) if res_path.exists() else {}
-    res.update({"machine": machine(), "date": datetime.now(UTC).strftime("%Y-%m-%d"), "workload": workload.name})
-    if args.rebuild or not paths["cached"].exists():
-        res["build"] = record_and_build(paths, args.tolerance, args.cost)
-    report = json.loads((paths["report"] / "report.json").read_text())
-    parts = sorted(paths["logs"].glob("part-*.parquet"))
-    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
-    res["log_bytes_per_row"] = sum(p.stat().st_size for p in parts) / rows if rows else None
-    res["build"] = {**report, **{k: v for k, v in res.get("build", {}).items() if k.startswith("bench_")}}
+    command = ("python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
 
-    def save() -> None:
-        res_path.write_text(json.dumps(res, indent=2, default=str))
+    def call() -> None:
+        sys.stdout.write(run_bench(args, command) + "\n")
 
-    save()
-    with tempfile.TemporaryDirectory() as tmp:
-        model_level = {"tables", "latency", "overhead", "policy", "bundle"} & set(sections)
-        models = Models(paths, Path(tmp)) if model_level else None
-        if "tables" in sections:
-            res["tables"] = tables(models, report)
-            save()
-        if "latency" in sections:
-            res["latency"] = latency(models, args.repeats)
-            save()
-        if "overhead" in sections:
-            res["overhead"] = [
-                r
-                for r in latency(models, args.repeats, cached=models.never_fire().run)
-                if r["batch"] in (1, 8, 32, 128)
-            ]
-        if "policy" in sections:
-            from layercache.runtime import measure_policy
-
-            res["policy"] = measure_policy(models.cached, models.x, repeats=args.repeats)
-            save()
-        if "recording" in sections:
-            res["recording"] = recording_cost(paths, args.repeats)
-            save()
-        if "bundle" in sections:
-            logger.info(
-                "device bundle written to %s", write_bundle(paths, models, args.out / "device-bundle", workload)
-            )
-    if {"trunk", "serving"} & set(sections):
-        conc = [int(c) for c in args.concurrency.split(",")] if "serving" in sections else []
-        served = serve(paths, report, conc, args.repeats if conc else 0, args.requests)
-        res["trunk"] = served["trunk"]
-        if conc:
-            res["serving"] = served["load"]
-        save()
-    if "tradeoff" in sections:
-        res["tradeoff"] = tradeoff(paths, TOLERANCES)
-        plot_tradeoff(res["tradeoff"], args.out / "tradeoff.png")
-    save()
-    command = "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    md = markdown(res, command.strip())
-    (args.out / "BENCHMARKS.md").write_text(md)
-    sys.stdout.write(md + "\n")
-    return 0
+    return run_command(call, logger)
 
 
 if __name__ == "__main__":

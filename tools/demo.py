@@ -1,10 +1,10 @@
 """The whole layercache story on Fashion-MNIST, end to end against a real TorchServe.
 
-Archives the embedded default classifier as a plain .mar, wraps it for recording, serves it, records real
-traffic over HTTP, builds the cache from that traffic, swaps the cached version in through the management API
-while requests keep coming, then sends held-out images to both versions and prints a before/after table
-(accuracy, agreement, hit rate per exit, FLOPs, latency, throughput, failed requests). TorchServe is always
-stopped at the end (unless --keep-running), also after an error or Ctrl-C.
+Archives the embedded classifier as a plain .mar, wraps it for recording, serves it, records real traffic over
+HTTP, builds the cache from that traffic, swaps the cached version in through the management API while requests
+keep coming, then sends held-out images to both versions and prints a before/after table (accuracy, agreement,
+hit rate per exit, FLOPs, latency, throughput, failed requests). TorchServe is always stopped at the end (unless
+--keep-running), also after an error or Ctrl-C.
 
 The traffic is the first --traffic images of the Fashion-MNIST test split, the evaluation set the last --eval
 (never seen by the build). Everything is written under --out.
@@ -17,11 +17,9 @@ import contextlib
 import importlib.util
 import json
 import logging
-import math
 import os
 import shutil
 import signal
-import statistics
 import sys
 import threading
 import time
@@ -30,33 +28,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install`
 
-from layercache.entry import tool_module  # noqa: E402 - after the path fix
-from layercache.errors import LayercacheError  # noqa: E402 - after the path fix; imports no torch
-from layercache.report import exit_flops  # noqa: E402 - after the path fix
-from layercache.testing.load import REQUEST_TIMEOUT_S, Answer, Run, predict, send_all  # noqa: E402 - ditto
+from layercache.errors import LayercacheError  # noqa: E402 - imports no torch
 
 logger = logging.getLogger("demo")
 
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "fashion_cnn"
 MODEL = "fashion"
 VERSION = "1.0"
 CACHED_VERSION = f"{VERSION}-cached"
-BACKBONE = "backbone"
-INDEX_TO_NAME = ROOT / "examples" / "fashion_cnn" / "index_to_name.json"
 MARKER = ".layercache-demo"
 # What the demo writes under --out; the only paths it ever deletes there.
 OWNED = (MARKER, "data", "model-store", "logs", "report", "torchserve", "summary.md", ".layercache-swap.json")
 WARMUP_REQUESTS = 32
+# As the example archive's model-config.yaml says (layercache.testing.backbones.archive_fashion_classifier).
+BATCH_SIZE, MAX_BATCH_DELAY_MS = 8, 20
 # Unix socket paths are limited to 108 bytes; TorchServe puts worker sockets in TEMP.
 MAX_SOCKET_DIR = 80
 
 EPILOG = """examples:
   make demo                                   # installs what is missing, then runs this with the defaults
   python tools/demo.py                        # writes demo-out/, prints the before/after table
-  python tools/demo.py --traffic 1000 --eval 500 --trials 2 --epochs 10    # a quicker, rougher run
+  python tools/demo.py --traffic 2000 --eval 500 --trials 2 --epochs 10    # a quicker, rougher run
   python tools/demo.py --out /tmp/lc-demo --tolerance 0.02 --keep-running  # leave TorchServe up afterwards
 
 --out: the demo cleans and reuses a folder it made itself (it holds a .layercache-demo marker file). Any other
@@ -64,6 +59,10 @@ existing, non-empty folder is refused unless --force; even then only the demo's 
 (data/, model-store/, logs/, report/, torchserve/, summary.md, .layercache-swap.json).
 Exit status: 0 done, 1 a step failed (see the log), 2 usage error.
 """
+
+
+class DemoError(LayercacheError):
+    """A demo step failed (exit status 1)."""
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
@@ -80,7 +79,6 @@ class DemoArgs:
     trials: int | None
     epochs: int | None
     keep_running: bool
-    force: bool
     quiet: bool
 
 
@@ -98,14 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--traffic",
         type=int,
-        default=3000,
-        help="images sent as traffic and recorded for the build: the first N of the test split (default: 3000)",
+        default=6000,
+        help="images sent as traffic and recorded for the build: the first N of the test split (default: 6000)",
     )
     p.add_argument(
         "--eval",
         type=int,
-        default=1000,
-        help="held-out images sent to both versions: the last N of the test split (default: 1000)",
+        default=2000,
+        help="held-out images sent to both versions: the last N of the test split (default: 2000)",
     )
     p.add_argument("--concurrency", type=int, default=8, help="concurrent client requests (default: 8)")
     p.add_argument(
@@ -120,18 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="TorchServe workers per version, each with OMP_NUM_THREADS=1 (default: 1)",
     )
-    p.add_argument(
-        "--trials",
-        type=int,
-        default=None,
-        help="passed to build_cache.py --trials: head architectures tried per layer (default: build_cache.py's own)",
-    )
-    p.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help="passed to build_cache.py --epochs: max training epochs per head (default: build_cache.py's own)",
-    )
+    p.add_argument("--trials", type=int, default=None, help="head architectures tried per layer (default: the build's)")
+    p.add_argument("--epochs", type=int, default=None, help="max training epochs per head (default: the build's)")
     p.add_argument(
         "--keep-running",
         action="store_true",
@@ -177,12 +165,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> D
         trials=ns.trials,
         epochs=ns.epochs,
         keep_running=ns.keep_running,
-        force=ns.force,
         quiet=ns.quiet,
     )
 
 
-# ------------------------------------------------------------------------------------------------------ timing
+# ------------------------------------------------------------------------------------------------------ state
 @dataclass
 class Steps:
     """Wall time of each demo step, in order."""
@@ -200,7 +187,6 @@ class Steps:
             logger.info("== %s: %.1f s", name, self.seconds[name])
 
 
-# ---------------------------------------------------------------------------------------------------- requests
 @dataclass(frozen=True)
 class Image:
     """One PNG and its true class index."""
@@ -209,37 +195,64 @@ class Image:
     label: int
 
 
-def send_images(url: str, images: Sequence[Image], concurrency: int, name_to_index: dict[str, int], desc: str) -> Run:
-    """Send every image once with ``concurrency`` client threads; answers come back in image order."""
-    from layercache.cli import progress
+@dataclass
+class Demo:
+    """Where everything goes, and what the steps found out."""
 
-    def bar(answers: Iterable[Answer], label: str, total: int) -> Iterable[Answer]:
+    args: DemoArgs
+    out: Path
+    names: dict[str, int] = field(default_factory=dict)
+    traffic: list[Image] = field(default_factory=list)
+    evaluation: list[Image] = field(default_factory=list)
+    server: Any = None
+    traffic_run: Any = None
+    report: dict[str, Any] = field(default_factory=dict)
+    swap_answers: list[Any] = field(default_factory=list)
+    swap_seconds: float = 0.0
+    runs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def store(self) -> Path:
+        return self.out / "model-store"
+
+    def mar(self, kind: str) -> Path:
+        return self.store / {"plain": "fashion.mar", "rec": "fashion_rec.mar", "cached": "fashion_cached.mar"}[kind]
+
+    @property
+    def predictions(self) -> str:
+        return f"{self.server.inference_url}/predictions/{MODEL}"
+
+
+# ------------------------------------------------------------------------------------------------------ steps
+def send(url: str, images: Sequence[Image], concurrency: int, names: dict[str, int], desc: str) -> Any:
+    """Every image once with ``concurrency`` client threads; answers come back in image order."""
+    from layercache.progress import progress
+    from layercache.testing.load import send_all
+
+    def bar(answers: Iterable[Any], label: str, total: int) -> Iterable[Any]:
         return progress(answers, label, total=total)
 
     bodies = [img.path.read_bytes() for img in images]
-    return send_all(url, bodies, concurrency, name_to_index, progress=bar, desc=desc)
+    return send_all(url, bodies, concurrency, names, progress=bar, desc=desc)
 
 
 class BackgroundLoad:
     """Requests to the default route from a few threads until stopped: what clients see during the swap."""
 
-    def __init__(
-        self, url: str, bodies: Sequence[bytes], name_to_index: dict[str, int], threads: int = 2, limit_s: float = 600.0
-    ) -> None:
-        self.url, self.bodies, self.name_to_index = url, list(bodies), name_to_index
-        self.limit_s = limit_s
-        self.answers: list[Answer] = []
+    def __init__(self, url: str, bodies: Sequence[bytes], names: dict[str, int], threads: int = 2) -> None:
+        self.url, self.bodies, self.names = url, list(bodies), names
+        self.answers: list[Any] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._run, args=(i,), daemon=True, name=f"demo-load-{i}") for i in range(threads)
-        ]
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
 
     def _run(self, offset: int) -> None:
-        deadline = time.monotonic() + self.limit_s
+        from layercache.testing.load import predict
+
+        deadline = time.monotonic() + 600.0  # stops by itself, whatever happens
         i = offset
         while not self._stop.is_set() and time.monotonic() < deadline:
-            answer = predict(self.url, self.bodies[i % len(self.bodies)], self.name_to_index)
+            answer = predict(self.url, self.bodies[i % len(self.bodies)], self.names)
             with self._lock:
                 self.answers.append(answer)
             i += len(self._threads)
@@ -250,6 +263,8 @@ class BackgroundLoad:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        from layercache.testing.load import REQUEST_TIMEOUT_S
+
         self._stop.set()
         for t in self._threads:
             t.join(timeout=REQUEST_TIMEOUT_S + 5)
@@ -259,148 +274,180 @@ class BackgroundLoad:
             return len(self.answers)
 
 
-# ------------------------------------------------------------------------------------------------------- data
-def write_images(out: Path, traffic: int, evaluation: int) -> tuple[list[Image], list[Image]]:
-    """The first ``traffic`` and the last ``evaluation`` test images as PNG ImageFolders under ``out``."""
-    from layercache.datasets import load_fashion_mnist, write_image_folder
-
-    images, labels = load_fashion_mnist("test")
-    n = len(images)
-    write_image_folder(images[:traffic], labels[:traffic], out / "traffic", start=0)
-    write_image_folder(images[n - evaluation :], labels[n - evaluation :], out / "eval", start=n - evaluation)
-    return _folder(out / "traffic"), _folder(out / "eval")
-
-
 def _folder(root: Path) -> list[Image]:
     """The PNGs of an ImageFolder in file-name order (the folder name is the class index)."""
     return sorted((Image(p, int(p.parent.name)) for p in root.glob("*/*.png")), key=lambda i: i.path.name)
 
 
-# ------------------------------------------------------------------------------------------------------- FLOPs
-# ----------------------------------------------------------------------------------------------------- summary
-@dataclass(frozen=True)
-class Measured:
-    """What one version did on the evaluation images."""
+def write_data(demo: Demo) -> None:
+    """The first --traffic and the last --eval test images as PNG ImageFolders under OUT/data."""
+    from layercache.datasets import load_fashion_mnist, write_image_folder
 
-    version: str
-    run: Run
-    accuracy: float
-    agreement: float
-    hit_rates: dict[str, float]
-    mean_flops: float
-
-    @property
-    def latencies_ms(self) -> list[float]:
-        return [1e3 * a.seconds for a in self.run.answers if a.status == 200]
+    prepare_out(demo.out)
+    images, labels = load_fashion_mnist("test")
+    n, t, e = len(images), demo.args.traffic, demo.args.eval
+    data = demo.out / "data"
+    write_image_folder(images[:t], labels[:t], data / "traffic", start=0)
+    write_image_folder(images[n - e :], labels[n - e :], data / "eval", start=n - e)
+    demo.traffic, demo.evaluation = _folder(data / "traffic"), _folder(data / "eval")
+    logger.info("%d traffic images, %d evaluation images in %s", len(demo.traffic), len(demo.evaluation), data)
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return math.nan
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+def archive(demo: Demo) -> None:
+    """The embedded classifier as a plain .mar (what a user already has), then wrapped for recording."""
+    from layercache.archive import wrap_for_recording
+    from layercache.config import HandlerConfig
+    from layercache.testing.backbones import archive_fashion_classifier
+
+    archive_fashion_classifier(EXAMPLE, demo.mar("plain"), name=MODEL, version=VERSION)
+    config = HandlerConfig(log_dir=str((demo.out / "logs").resolve()), input_shape=(1, 28, 28))
+    wrap_for_recording(demo.mar("plain"), demo.mar("rec"), handler_config=config)
 
 
-def measure(
-    version: str,
-    run: Run,
-    images: Sequence[Image],
-    reference: Run | None,
-    exit_costs: dict[str, float] | None,
-    total_flops: float,
-) -> Measured:
-    ok = [(a, img) for a, img in zip(run.answers, images) if a.status == 200]
-    accuracy = sum(a.predicted == img.label for a, img in ok) / len(ok) if ok else math.nan
-    if reference is None:
-        agreement = 1.0
-    else:
-        pairs = [(a, r) for a, r in zip(run.answers, reference.answers) if a.status == 200 and r.status == 200]
-        agreement = sum(a.predicted == r.predicted for a, r in pairs) / len(pairs) if pairs else math.nan
-    exits: dict[str, int] = {}
-    for a, _ in ok:
-        exits[a.exit or BACKBONE] = exits.get(a.exit or BACKBONE, 0) + 1
-    hit_rates = {k: v / len(ok) for k, v in exits.items()} if ok else {}
-    if exit_costs is None:
-        mean_flops = total_flops
-    else:
-        mean_flops = (
-            sum(exit_costs.get(a.exit or BACKBONE, exit_costs[BACKBONE]) for a, _ in ok) / len(ok) if ok else math.nan
-        )
-    return Measured(version, run, accuracy, agreement, hit_rates, mean_flops)
+def start(demo: Demo) -> None:
+    """TorchServe on free loopback ports, the recording archive registered as version 1.0."""
+    demo.server.start()
+    client = demo.server.client(timeout_s=180)
+    client.register(
+        demo.mar("rec").name,
+        MODEL,
+        initial_workers=demo.args.workers,
+        batch_size=BATCH_SIZE,
+        max_batch_delay_ms=MAX_BATCH_DELAY_MS,
+    )
+    client.wait_ready(MODEL, VERSION, timeout_s=120)
+    client.ensure_workers(MODEL, VERSION, demo.args.workers)
+    logger.info("TorchServe up: inference %s, logs in %s", demo.server.inference_url, demo.server.workdir)
 
 
-def summary_markdown(
-    before: Measured,
-    after: Measured,
-    exit_order: Sequence[str],
-    *,
-    args: DemoArgs,
-    traffic: Run,
-    swap_load: list[Answer],
-    swap_seconds: float,
-    report: dict[str, Any],
-    steps: Steps,
-    report_md: Path,
-) -> str:
-    def pct(v: float) -> str:
-        return "n/a" if math.isnan(v) else f"{100 * v:.2f}%"
+def send_traffic(demo: Demo) -> None:
+    """Every traffic image over HTTP: the recording archive answers and records each one."""
+    run = send(demo.predictions, demo.traffic, demo.args.concurrency, demo.names, "traffic")
+    logger.info("traffic: %d requests in %.1f s, %d failed", len(run.answers), run.seconds, run.failed)
+    if run.failed == len(run.answers):
+        raise DemoError(f"every traffic request failed; see the TorchServe logs in {demo.server.workdir}")
+    demo.traffic_run = run
 
-    def ms(v: float) -> str:
-        return "n/a" if math.isnan(v) else f"{v:.1f} ms"
 
+def build(demo: Demo) -> None:
+    """The cache from the recorded traffic (no labels used for training), with its report."""
+    from layercache.build import BuildConfig
+    from layercache.pipeline import BuildRequest, build_cached_archive
+    from layercache.progress import progress
+    from layercache.training import TrainConfig
+
+    defaults = BuildConfig()
+    train = defaults.train if demo.args.epochs is None else TrainConfig(epochs=demo.args.epochs, patience=3)
+    config = BuildConfig(tolerance=demo.args.tolerance, trials=demo.args.trials or defaults.trials, train=train)
+    request = BuildRequest(
+        mar=demo.mar("rec"),
+        logs=demo.out / "logs",
+        output=demo.mar("cached"),
+        config=config,
+        report_dir=demo.out / "report",
+    )
+    demo.report = build_cached_archive(request, progress=progress).report
+
+
+def swap_under_load(demo: Demo) -> None:
+    """Swap the default to the cached version through the management API while two clients keep sending."""
+    from layercache.swap import SwapRequest, swap_version
+
+    bodies = [img.path.read_bytes() for img in demo.traffic[:200]]
+    request = SwapRequest(
+        model=MODEL,
+        mar=demo.mar("cached"),
+        workers=demo.args.workers,
+        model_store=demo.store,
+        state_file=demo.out / ".layercache-swap.json",
+    )
+    with BackgroundLoad(demo.predictions, bodies, demo.names) as load:
+        t0 = time.perf_counter()
+        swap_version(demo.server.client(timeout_s=180), request)
+        demo.swap_seconds = time.perf_counter() - t0
+        # A few more requests on the new default before the load stops.
+        target, deadline = load.count() + 2 * demo.args.concurrency, time.monotonic() + 30
+        while load.count() < target and time.monotonic() < deadline:
+            time.sleep(0.05)
+    demo.swap_answers = load.answers
+    failed = sum(a.status != 200 for a in demo.swap_answers)
+    logger.info("swap took %.1f s; %d of %d requests during it failed", demo.swap_seconds, failed, len(load.answers))
+
+
+def evaluate(demo: Demo) -> None:
+    """The evaluation images to each version, after a short warm-up, at the same concurrency."""
+    for version in (VERSION, CACHED_VERSION):
+        url = f"{demo.predictions}/{version}"
+        send(url, demo.evaluation[:WARMUP_REQUESTS], demo.args.concurrency, demo.names, f"warm-up {version}")
+        demo.runs[version] = send(url, demo.evaluation, demo.args.concurrency, demo.names, f"eval {version}")
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+def summary_markdown(demo: Demo, steps: Steps) -> str:
+    """The before/after table and how the demo went."""
+    from layercache.evaluation import (
+        BACKBONE,
+        exit_flops,
+        from_run,
+        markdown_table,
+        ms,
+        pct,
+        score,
+        summarize_latency,
+    )
+
+    labels = [img.label for img in demo.evaluation]
+    before, after = from_run(demo.runs[VERSION]), from_run(demo.runs[CACHED_VERSION])
+    total = float(demo.report["mean_flops_original"])
+    s_before = score(before, labels=labels, costs={BACKBONE: total})
+    s_after = score(after, reference=before.predicted, labels=labels, costs=exit_flops(demo.report))
+    l_before, l_after = summarize_latency(before), summarize_latency(after)
+    exits = [e["node"] for e in demo.report["exits"]]
     rows = [
-        ("accuracy (true labels)", pct(before.accuracy), pct(after.accuracy)),
-        (f"agreement with {VERSION}", pct(before.agreement), pct(after.agreement)),
+        ("accuracy (true labels)", pct(s_before["accuracy"]), pct(s_after["accuracy"])),
+        (f"agreement with {VERSION}", pct(1.0), pct(s_after["agreement"])),
     ]
-    for node in [*exit_order, BACKBONE]:
+    for node in [*exits, BACKBONE]:
         label = "answered by the whole backbone" if node == BACKBONE else f"hit rate at exit `{node}`"
-        rows.append((label, pct(before.hit_rates.get(node, 0.0)), pct(after.hit_rates.get(node, 0.0))))
-    ratio = after.mean_flops / before.mean_flops if before.mean_flops else math.nan
+        rows.append((label, pct(s_before["exit_rates"].get(node, 0.0)), pct(s_after["exit_rates"].get(node, 0.0))))
+    ratio = s_after["mean_flops"] / s_before["mean_flops"]
+    speed = l_after["rps"] / l_before["rps"]
     rows += [
-        ("mean FLOPs per request", f"{before.mean_flops / 1e6:.2f}M", f"{after.mean_flops / 1e6:.2f}M ({ratio:.3f}x)"),
-        ("latency p50", ms(_percentile(before.latencies_ms, 50)), ms(_percentile(after.latencies_ms, 50))),
-        ("latency p90", ms(_percentile(before.latencies_ms, 90)), ms(_percentile(after.latencies_ms, 90))),
         (
-            "throughput",
-            f"{len(before.run.answers) / before.run.seconds:.1f} req/s",
-            f"{len(after.run.answers) / after.run.seconds:.1f} req/s",
+            "mean FLOPs per request",
+            f"{s_before['mean_flops'] / 1e6:.1f}M",
+            f"{s_after['mean_flops'] / 1e6:.1f}M ({ratio:.2f}x)",
         ),
-        (
-            "failed requests",
-            f"{before.run.failed} of {len(before.run.answers)}",
-            f"{after.run.failed} of {len(after.run.answers)}",
-        ),
+        ("latency p50", ms(l_before["p50_ms"]), ms(l_after["p50_ms"])),
+        ("latency p90", ms(l_before["p90_ms"]), ms(l_after["p90_ms"])),
+        ("throughput", f"{l_before['rps']:.1f} req/s", f"{l_after['rps']:.1f} req/s ({speed:.2f}x)"),
+        ("failed requests", f"{before.failed} of {len(before)}", f"{after.failed} of {len(after)}"),
     ]
-    swap_failed = sum(a.status != 200 for a in swap_load)
+    swap_failed = sum(a.status != 200 for a in demo.swap_answers)
+    args = demo.args
     lines = [
         "# layercache demo: before / after",
         "",
-        f"{len(before.run.answers)} held-out Fashion-MNIST test images (never seen by the build) sent to "
+        f"{len(before)} held-out Fashion-MNIST test images (never seen by the build) sent to "
         f"`/predictions/{MODEL}/{VERSION}` (the recording archive, before) and `/predictions/{MODEL}/"
-        f"{CACHED_VERSION}` (the cache built from {len(traffic.answers)} recorded requests at tolerance "
-        f"{args.tolerance}, after), {args.concurrency} concurrent clients, TorchServe batch size 8, "
+        f"{CACHED_VERSION}` (the cache built from {len(demo.traffic_run.answers)} recorded requests at tolerance "
+        f"{args.tolerance}, after), {args.concurrency} concurrent clients, TorchServe batch size {BATCH_SIZE}, "
         f"{args.workers} worker(s) per version with OMP_NUM_THREADS=1.",
         "",
-        f"| | {VERSION} (before) | {CACHED_VERSION} (after) |",
-        "|---|---|---|",
-        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+        *markdown_table(["", f"{VERSION} (before)", f"{CACHED_VERSION} (after)"], rows),
         "",
-        f"FLOPs: {report.get('flops_counter', 'n/a')}; per request from the exit it took (the build report's "
-        f"mean on its own test split: {float(report['mean_flops_cached']) / 1e6:.2f}M of "
-        f"{float(report['mean_flops_original']) / 1e6:.2f}M).",
+        f"FLOPs: {demo.report.get('flops_counter', 'n/a')}; per request from the exit it took (the build report's "
+        f"mean on its own test split: {float(demo.report['mean_flops_cached']) / 1e6:.1f}M of {total / 1e6:.1f}M).",
         "",
-        f"Traffic: {len(traffic.answers)} requests, {traffic.failed} failed. Swap {VERSION} -> {CACHED_VERSION} "
-        f"through the management API took {swap_seconds:.1f} s under background load: {swap_failed} of "
-        f"{len(swap_load)} requests failed.",
+        f"Traffic: {len(demo.traffic_run.answers)} requests, {demo.traffic_run.failed} failed. Swap {VERSION} -> "
+        f"{CACHED_VERSION} through the management API took {demo.swap_seconds:.1f} s under background load: "
+        f"{swap_failed} of {len(demo.swap_answers)} requests failed.",
         "",
-        f"Build report: {report_md}",
+        f"Build report: {demo.out / 'report' / 'report.md'}",
         "",
         "## Demo steps (wall time)",
         "",
-        "| step | seconds |",
-        "|---|---|",
-        *[f"| {name} | {s:.1f} |" for name, s in steps.seconds.items()],
+        *markdown_table(["step", "seconds"], [*((n, f"{s:.1f}") for n, s in steps.seconds.items())]),
         f"| total | {sum(steps.seconds.values()):.1f} |",
         "",
     ]
@@ -433,198 +480,61 @@ def check_prerequisites() -> None:
         raise DemoError(f"{' and '.join(missing)} missing. Hint: run `make install` (or `make demo`)")
 
 
-def _check(rc: int, what: str) -> None:
-    if rc != 0:
-        raise DemoError(f"{what} exited with status {rc} (see the log above)")
-
-
-class DemoError(RuntimeError):
-    """A demo step failed (exit status 1)."""
-
-
 def _sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop TorchServe
 
 
 def run_demo(args: DemoArgs, steps: Steps) -> str:
     """All steps; returns the summary Markdown. TorchServe is stopped on the way out unless --keep-running."""
+    from layercache.evaluation import name_to_index
     from layercache.testing.torchserve import TorchServeProcess
 
-    make_default_model, wrap_mar = tool_module("tools/make_default_model.py"), tool_module("archiver/wrap_mar.py")
-    build_cache, swap_version = tool_module("tools/build_cache.py"), tool_module("tools/swap_version.py")
-
-    out = args.out.resolve()
-    store, logs, report_dir = out / "model-store", out / "logs", out / "report"
-    plain_mar, rec_mar, cached_mar = store / "fashion.mar", store / "fashion_rec.mar", store / "fashion_cached.mar"
-    index_to_name = json.loads(INDEX_TO_NAME.read_text(encoding="utf-8"))
-    name_to_index = {str(name): int(i) for i, name in index_to_name.items()}
-    quiet = ["--quiet"] if args.quiet else []
     check_prerequisites()
-
+    demo = Demo(args, args.out.resolve())
+    demo.names = name_to_index(json.loads((EXAMPLE / "index_to_name.json").read_text(encoding="utf-8")))
     with steps.step("1. write Fashion-MNIST images"):
-        prepare_out(out)
-        traffic_images, eval_images = write_images(out / "data", args.traffic, args.eval)
-        logger.info(
-            "%d traffic images in %s, %d evaluation images in %s",
-            len(traffic_images),
-            out / "data" / "traffic",
-            len(eval_images),
-            out / "data" / "eval",
-        )
-
+        write_data(demo)
     with steps.step("2. archive the classifier and wrap it for recording"):
-        _check(make_default_model.main(["-o", str(plain_mar), "--force", *quiet]), "make_default_model.py")
-        _check(
-            wrap_mar.main(
-                [
-                    str(plain_mar),
-                    "-o",
-                    str(rec_mar),
-                    "--log-dir",
-                    str(logs),
-                    "--input-shape",
-                    "1,28,28",
-                    "--force",
-                    *quiet,
-                ]
-            ),
-            "wrap_mar.py",
-        )
-
-    workdir = out / "torchserve"
+        archive(demo)
+    workdir = demo.out / "torchserve"
     if len(str(workdir / "temp")) > MAX_SOCKET_DIR:
         workdir = None  # a temp dir under /tmp keeps the worker socket paths short enough
-    server = TorchServeProcess(store, workdir=workdir, env={"OMP_NUM_THREADS": "1"}, start_timeout_s=120)
+    demo.server = TorchServeProcess(demo.store, workdir=workdir, env={"OMP_NUM_THREADS": "1"}, start_timeout_s=120)
     signal.signal(signal.SIGTERM, _sigterm)
     started = False
     try:
         with steps.step("3. start TorchServe and register the recording archive"):
-            server.start()
             started = True
-            client = server.client(timeout_s=180)
-            client.register(rec_mar.name, MODEL, initial_workers=args.workers, batch_size=8, max_batch_delay_ms=20)
-            client.wait_ready(MODEL, VERSION, timeout_s=120)
-            client.ensure_workers(MODEL, VERSION, args.workers)
-            logger.info(
-                "TorchServe up: inference %s, management %s, logs in %s",
-                server.inference_url,
-                server.management_url,
-                server.workdir,
-            )
-
-        predictions = f"{server.inference_url}/predictions/{MODEL}"
-        with steps.step(f"4. send {len(traffic_images)} traffic requests (recorded)"):
-            traffic = send_images(predictions, traffic_images, args.concurrency, name_to_index, "traffic")
-            logger.info(
-                "traffic: %d requests in %.1f s, %d failed", len(traffic.answers), traffic.seconds, traffic.failed
-            )
-            if traffic.failed == len(traffic.answers):
-                raise DemoError("every traffic request failed; see the TorchServe logs in " + str(server.workdir))
-
+            start(demo)
+        with steps.step(f"4. send {len(demo.traffic)} traffic requests (recorded)"):
+            send_traffic(demo)
         with steps.step("5. build the cache from the recorded traffic"):
-            build_argv = [
-                "--mar",
-                str(rec_mar),
-                "--logs",
-                str(logs),
-                "--tolerance",
-                str(args.tolerance),
-                "-o",
-                str(cached_mar),
-                "--report",
-                str(report_dir),
-                "--force",
-                *quiet,
-            ]
-            if args.trials is not None:
-                build_argv += ["--trials", str(args.trials)]
-            if args.epochs is not None:
-                build_argv += ["--epochs", str(args.epochs)]
-            _check(build_cache.main(build_argv), "build_cache.py")
-            report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
-
+            build(demo)
         with steps.step("6. swap to the cached version under load"):
-            bodies = [img.path.read_bytes() for img in traffic_images[:200]]
-            with BackgroundLoad(predictions, bodies, name_to_index) as load:
-                t0 = time.perf_counter()
-                rc = swap_version.main(
-                    [
-                        "--model",
-                        MODEL,
-                        "--mar",
-                        str(cached_mar),
-                        "--management",
-                        server.management_url,
-                        "--model-store",
-                        str(store),
-                        "--workers",
-                        str(args.workers),
-                        "--state-file",
-                        str(out / ".layercache-swap.json"),
-                        *quiet,
-                    ]
-                )
-                swap_seconds = time.perf_counter() - t0
-                # A few more requests on the new default before the load stops.
-                target = load.count() + 2 * args.concurrency
-                deadline = time.monotonic() + 30
-                while load.count() < target and time.monotonic() < deadline:
-                    time.sleep(0.05)
-            _check(rc, "swap_version.py")  # swap_version scales the new version to --workers itself
-            swap_load = load.answers
-            logger.info(
-                "swap took %.1f s; %d of %d requests during it failed",
-                swap_seconds,
-                sum(a.status != 200 for a in swap_load),
-                len(swap_load),
-            )
-
-        with steps.step(f"7. send {len(eval_images)} evaluation requests to each version"):
-            runs: dict[str, Run] = {}
-            for version in (VERSION, CACHED_VERSION):
-                url = f"{predictions}/{version}"
-                send_images(url, eval_images[:WARMUP_REQUESTS], args.concurrency, name_to_index, f"warm-up {version}")
-                runs[version] = send_images(url, eval_images, args.concurrency, name_to_index, f"eval {version}")
-            total, costs = float(report["mean_flops_original"]), exit_flops(report)
-            before = measure(VERSION, runs[VERSION], eval_images, None, None, total)
-            after = measure(CACHED_VERSION, runs[CACHED_VERSION], eval_images, runs[VERSION], costs, total)
+            swap_under_load(demo)
+        with steps.step(f"7. send {len(demo.evaluation)} evaluation requests to each version"):
+            evaluate(demo)
     except BaseException:
         if started:
-            logger.error(
-                "TorchServe logs at the failure (all of them in %s):\n%s",
-                server.workdir,
-                server.logs_text(max_chars=4000),
-            )
+            logger.error("TorchServe logs at the failure (all of them in %s):\n%s", demo.server.workdir,
+                         demo.server.logs_text(max_chars=4000))  # fmt: skip
         raise
     finally:
-        if args.keep_running and started and server.workdir is not None:
+        if args.keep_running and started and demo.server.workdir is not None:
             logger.warning(
                 "TorchServe keeps running (inference %s, management %s, metrics %s). Stop it with:\n"
                 "  TMPDIR=%s %s -m ts.model_server --stop --foreground",
-                server.inference_url,
-                server.management_url,
-                server.metrics_url,
-                server.workdir / "tmp",
+                demo.server.inference_url,
+                demo.server.management_url,
+                demo.server.metrics_url,
+                demo.server.workdir / "tmp",
                 sys.executable,
             )
         else:
             with steps.step("8. stop TorchServe"):
-                server.stop()
+                demo.server.stop()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-    exit_order = [e["node"] for e in report["exits"]]
-    return summary_markdown(
-        before,
-        after,
-        exit_order,
-        args=args,
-        traffic=traffic,
-        swap_load=swap_load,
-        swap_seconds=swap_seconds,
-        report=report,
-        steps=steps,
-        report_md=report_dir / "report.md",
-    )
+    return summary_markdown(demo, steps)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -632,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Example::
 
-        main(["--out", "/tmp/lc-demo", "--traffic", "1000", "--eval", "500"])
+        main(["--out", "/tmp/lc-demo", "--traffic", "2000", "--eval", "500"])
     """
     parser = build_parser()
     args = parse_args(parser, argv)
@@ -646,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         logger.error("demo interrupted")
         return 130
-    except (DemoError, LayercacheError, OSError, RuntimeError) as error:
+    except (LayercacheError, OSError, RuntimeError) as error:
         logger.error("demo failed: %s", error)
         return 1
     except Exception as error:  # noqa: BLE001 - anything unexpected: report it with its traceback, exit 1

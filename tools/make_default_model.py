@@ -1,6 +1,7 @@
-"""Train the demo's embedded default classifier on Fashion-MNIST and archive it as a plain .mar.
+"""Archive the demo's embedded classifier as a plain .mar, or train it anew on Fashion-MNIST first.
 
 The result is the "archived classifier a user already has": eager model file + state_dict + its own handler.
+The shipped weights (examples/fashion_cnn/fashion_cnn.pt, float16) come from --train with the defaults.
 """
 
 from __future__ import annotations
@@ -10,21 +11,21 @@ import logging
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install`
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from layercache.archive import archive_classifier  # noqa: E402
-from layercache.cli import setup_logging  # noqa: E402
+from layercache.cli import run_command, setup_logging  # noqa: E402
 from layercache.datasets import load_fashion_mnist  # noqa: E402
-from layercache.entry import tool_module  # noqa: E402
+from layercache.loading import model_class_from_file  # noqa: E402
+from layercache.testing.backbones import MEAN, STD, accuracy, archive_fashion_classifier, fit  # noqa: E402
 
 logger = logging.getLogger("make_default_model")
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fashion_cnn"
-MEAN, STD = 0.2860, 0.3530
 
 EPILOG = """examples:
   python tools/make_default_model.py -o model-store/fashion.mar
@@ -32,25 +33,49 @@ EPILOG = """examples:
 """
 
 
-def train(samples: int, epochs: int, seed: int, batch: int = 128) -> torch.nn.Module:
-    """Train :class:`FashionCNN` on the first ``samples`` training images (seeded; a few minutes at most)."""
-    sys.path.insert(0, str(EXAMPLE))
-    from fashion_cnn import FashionCNN
+@dataclass(frozen=True)
+class MakeArgs:
+    """The parsed command line."""
 
-    torch.manual_seed(seed)
-    images, labels = load_fashion_mnist("train")
-    x = (torch.from_numpy(images[:samples]).float().div(255).unsqueeze(1) - MEAN) / STD
-    y = torch.from_numpy(labels[:samples].astype(np.int64))
-    fit = tool_module("tools/train_backbone.py").fit
-    return fit(FashionCNN(), x, y, epochs, seed, batch=batch)
+    output: Path
+    name: str
+    version: str
+    train: bool
+    train_samples: int
+    epochs: int
+    seed: int
+    force: bool
 
 
-def accuracy(model: torch.nn.Module, n: int = 2000) -> float:
-    images, labels = load_fashion_mnist("test")
-    x = (torch.from_numpy(images[-n:]).float().div(255).unsqueeze(1) - MEAN) / STD
-    with torch.inference_mode():
-        pred = model(x).argmax(1).numpy()
-    return float((pred == labels[-n:]).mean())
+def _inputs(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> normalised (N, 1, 28, 28), what examples/fashion_cnn/fashion_handler.py serves."""
+    return (torch.from_numpy(images).float().div(255).unsqueeze(1) - MEAN) / STD
+
+
+def make(args: MakeArgs) -> None:
+    """Train when asked (seeded; the weights are stored as float16), then archive."""
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = None
+        if args.train:
+            torch.manual_seed(args.seed)
+            images, labels = load_fashion_mnist("train")
+            x, y = (
+                _inputs(images[: args.train_samples]),
+                torch.from_numpy(labels[: args.train_samples].astype(np.int64)),
+            )
+            t0 = time.perf_counter()
+            model = fit(model_class_from_file(EXAMPLE / "fashion_cnn.py")(), x, y, args.epochs, args.seed)
+            test_images, test_labels = load_fashion_mnist("test")
+            acc = accuracy(model, _inputs(test_images), test_labels)
+            logger.info(
+                "trained in %.0f s; accuracy on the 10,000 test images: %.2f%%", time.perf_counter() - t0, 100 * acc
+            )
+            weights = Path(tmp) / "fashion_cnn.pt"
+            torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, weights)
+        archive_fashion_classifier(
+            EXAMPLE, args.output, weights=weights, name=args.name, version=args.version, force=args.force
+        )
+    logger.info("archived %s", args.output)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--train",
         action="store_true",
-        help="train new weights instead of archiving the shipped ones (default: shipped, "
-        "examples/fashion_cnn/fashion_cnn.pt, trained with --train-samples 20000 --epochs 2)",
+        help="train new weights instead of archiving the shipped ones (default: the shipped "
+        "examples/fashion_cnn/fashion_cnn.pt, trained with the defaults below)",
     )
     p.add_argument("--train-samples", type=int, default=20000, help="training images used (default: 20000)")
     p.add_argument("--epochs", type=int, default=2, help="training epochs (default: 2)")
@@ -85,36 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(args.quiet)
-    if args.output.exists() and not args.force:
-        parser.error(f"{args.output} exists; pass --force to overwrite it")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = EXAMPLE / "fashion_cnn.pt"
-        if args.train:
-            t0 = time.perf_counter()
-            model = train(args.train_samples, args.epochs, args.seed)
-            logger.info(
-                "trained in %.0f s; accuracy on the last 2000 test images: %.2f%%",
-                time.perf_counter() - t0,
-                100 * accuracy(model),
-            )
-            weights = Path(tmp) / "fashion_cnn.pt"
-            torch.save(model.state_dict(), weights)
-        archive_classifier(
-            model_name=args.name,
-            version=args.version,
-            model_file=EXAMPLE / "fashion_cnn.py",
-            weights=weights,
-            handler=EXAMPLE / "fashion_handler.py",
-            output=args.output,
-            extra_files=[EXAMPLE / "index_to_name.json"],
-            config={"batchSize": 8, "maxBatchDelay": 20, "minWorkers": 1, "maxWorkers": 1},
-            force=args.force,
-        )
-    logger.info("archived %s", args.output)
-    return 0
+    ns = parser.parse_args(argv)
+    setup_logging(ns.quiet)
+    if ns.output.exists() and not ns.force:
+        parser.error(f"{ns.output} exists; pass --force to overwrite it")
+    args = MakeArgs(ns.output, ns.name, ns.version, ns.train, ns.train_samples, ns.epochs, ns.seed, ns.force)
+    return run_command(lambda: make(args), logger)
 
 
 if __name__ == "__main__":

@@ -11,20 +11,22 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install`
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from layercache.cli import progress, setup_logging  # noqa: E402
+from layercache.cli import run_command, setup_logging  # noqa: E402
 from layercache.datasets import load_fashion_mnist  # noqa: E402
+from layercache.errors import ConfigError  # noqa: E402
+from layercache.loading import model_class_from_file  # noqa: E402
+from layercache.testing.backbones import accuracy, fit, to_input_32  # noqa: E402
 
 logger = logging.getLogger("train_backbone")
 ROOT = Path(__file__).resolve().parents[1]
-MEAN, STD = 0.2860, 0.3530
 #: architecture -> (model file, class name)
 ARCHS = {"mobilenet_v2": (ROOT / "examples" / "mobilenet_v2_fmnist" / "mobilenet_v2_fmnist.py", "MobileNetV2FMNIST")}
 
@@ -34,59 +36,51 @@ EPILOG = """examples:
 """
 
 
-def to_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``(N, 28, 28)`` -> float ``(N, 3, 32, 32)``, the benchmark handler's preprocessing, batched."""
-    t = torch.tensor(images, dtype=torch.float32).div(255).unsqueeze(1)
-    t = F.interpolate(t, size=(32, 32), mode="bilinear", align_corners=False)
-    return ((t - MEAN) / STD).expand(-1, 3, -1, -1).contiguous()
-
-
 def load_model(arch: str) -> torch.nn.Module:
-    """A fresh model of ``arch`` from its example model file."""
-    from layercache.entry import tool_module
+    """A fresh model of ``arch`` from its example model file.
 
+    Raises:
+        ConfigError: an unknown architecture.
+    """
     if arch not in ARCHS:
-        raise SystemExit(f"unknown --arch {arch!r}; choose from {sorted(ARCHS)}")
+        raise ConfigError(f"unknown --arch {arch!r}; choose from {sorted(ARCHS)}")
     path, cls = ARCHS[arch]
-    return tool_module("tools/bench_device.py").load_model_class(path, cls)()
+    return model_class_from_file(path, cls)()
 
 
-def fit(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    epochs: int,
-    seed: int,
-    batch: int = 128,
-    lr: float = 3e-3,
-    device: str = "cpu",
-) -> torch.nn.Module:
-    """AdamW + one-cycle schedule, random horizontal flips per batch; seeded. Returns the model in eval mode."""
-    model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * ((len(x) + batch - 1) // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in progress(range(epochs), "epochs"):
-        perm = torch.randperm(len(x), generator=gen)
-        for s in range(0, len(x), batch):
-            i = perm[s : s + batch]
-            xb = x[i]
-            if torch.rand(1, generator=gen).item() < 0.5:
-                xb = xb.flip(3)
-            loss = F.cross_entropy(model(xb.to(device)), y[i].to(device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
+@dataclass(frozen=True)
+class TrainArgs:
+    """The parsed command line."""
+
+    arch: str
+    output: Path
+    samples: int
+    epochs: int
+    seed: int
+    device: str
 
 
-@torch.inference_mode()
-def accuracy(model: torch.nn.Module, x: torch.Tensor, labels: np.ndarray, device: str = "cpu") -> float:
-    pred = torch.cat([model(x[i : i + 500].to(device)).argmax(1).cpu() for i in range(0, len(x), 500)])
-    return float((pred.numpy() == labels).mean())
+def train(args: TrainArgs) -> float:
+    """Train ``args.arch`` on the first ``args.samples`` training images, save its state_dict; test accuracy."""
+    torch.manual_seed(args.seed)
+    model = load_model(args.arch)
+    images, labels = load_fashion_mnist("train")
+    x, y = to_input_32(images[: args.samples]), torch.from_numpy(labels[: args.samples].astype(np.int64))
+    t0 = time.perf_counter()
+    fit(model, x, y, args.epochs, args.seed, device=args.device)
+    test_images, test_labels = load_fashion_mnist("test")
+    acc = accuracy(model, to_input_32(test_images), test_labels, args.device)
+    logger.info(
+        "%s trained in %.0f s on %s; top-1 on the 10,000 test images: %.2f%%",
+        args.arch,
+        time.perf_counter() - t0,
+        args.device,
+        100 * acc,
+    )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, args.output)
+    logger.info("wrote %s", args.output)
+    return acc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,32 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(args.quiet)
-    if args.output.exists() and not args.force:
-        parser.error(f"{args.output} exists; pass --force to overwrite it")
-    if args.samples < 1 or args.epochs < 1:
-        parser.error(f"--samples and --epochs must be >= 1, got {args.samples} and {args.epochs}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(args.seed)
-    model = load_model(args.arch)
-    images, labels = load_fashion_mnist("train")
-    x, y = to_input(images[: args.samples]), torch.from_numpy(labels[: args.samples].astype(np.int64))
-    t0 = time.perf_counter()
-    fit(model, x, y, args.epochs, args.seed, device=device)
-    test_images, test_labels = load_fashion_mnist("test")
-    acc = accuracy(model, to_input(test_images), test_labels, device)
-    logger.info(
-        "%s trained in %.0f s on %s; top-1 on the 10,000 test images: %.2f%%",
-        args.arch,
-        time.perf_counter() - t0,
-        device,
-        100 * acc,
-    )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, args.output)
-    logger.info("wrote %s", args.output)
-    return 0
+    ns = parser.parse_args(argv)
+    setup_logging(ns.quiet)
+    if ns.output.exists() and not ns.force:
+        parser.error(f"{ns.output} exists; pass --force to overwrite it")
+    if ns.samples < 1 or ns.epochs < 1:
+        parser.error(f"--samples and --epochs must be >= 1, got {ns.samples} and {ns.epochs}")
+    if ns.arch not in ARCHS:
+        parser.error(f"unknown --arch {ns.arch!r}; choose from {sorted(ARCHS)}")
+    device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args = TrainArgs(ns.arch, ns.output, ns.samples, ns.epochs, ns.seed, device)
+    return run_command(lambda: train(args) < 0, logger)
 
 
 if __name__ == "__main__":

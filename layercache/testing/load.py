@@ -7,27 +7,25 @@ the ``X-Layercache-Exit`` header.
 Example::
 
     run = send_all(f"{base}/predictions/fashion", bodies, concurrency=8, name_to_index=names)
-    stats = summarize(run)          # rps, p50/p90/p99 ms, errors
+    stats = summarize_latency(from_run(run))    # layercache.evaluation: rps, p50/p90/p99 ms, errors
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import statistics
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 from layercache.config import EXIT_HEADER
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXIT_HEADER", "Answer", "Run", "percentile", "predict", "send_all", "summarize"]
+__all__ = ["EXIT_HEADER", "Answer", "Run", "predict", "send_all"]
 
 REQUEST_TIMEOUT_S = 30.0
 
@@ -113,30 +111,3 @@ def send_all(
             "%s: %d of %d failed, e.g. %s %s", desc, run.failed, len(answers), first_bad.status, first_bad.error
         )
     return run
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) with linear interpolation, as numpy's default; NaN for no values."""
-    if not values:
-        return float("nan")
-    if not 0 <= q <= 100:
-        raise ValueError(f"q={q} must be in [0, 100]")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def summarize(run: Run) -> dict[str, Any]:
-    """Requests per second over the run's wall time, latency percentiles (ms) of the answered requests, errors."""
-    ok = [1e3 * a.seconds for a in run.answers if a.status == 200]
-    return {
-        "requests": len(run.answers),
-        "rps": len(run.answers) / run.seconds if run.seconds > 0 else float("nan"),
-        "p50_ms": percentile(ok, 50),
-        "p90_ms": percentile(ok, 90),
-        "p99_ms": percentile(ok, 99),
-        "mean_ms": statistics.fmean(ok) if ok else float("nan"),
-        "errors": run.failed,
-    }

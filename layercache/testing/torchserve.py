@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["TorchServeProcess", "free_ports", "require_torchserve"]
 
-_REPO_LOG_CONFIG = Path(__file__).resolve().parents[2] / "config" / "log4j2.xml"
+#: The quieter log4j2 configuration shipped with the package (TorchServe's own writes each line twice).
+LOG_CONFIG = Path(__file__).resolve().parents[1] / "resources" / "log4j2.xml"
 _LOG_FILES = (
     "torchserve.out",
     "logs/ts_log.log",
@@ -95,7 +96,7 @@ class TorchServeProcess:
         workdir: where TMPDIR, logs and the config go; a fresh temp directory (removed on stop) when None.
         env: extra environment variables; ``OMP_NUM_THREADS=1`` unless given here.
         properties: extra or overriding ``config.properties`` entries.
-        log_config: a log4j2.xml; the repository's ``config/log4j2.xml`` when None and present.
+        log_config: a log4j2.xml; layercache's quieter one (``layercache/resources/log4j2.xml``) when None.
         start_timeout_s: how long :meth:`start` waits for ``/ping``.
     """
 
@@ -116,8 +117,8 @@ class TorchServeProcess:
         self.workdir: Path | None = self._given_workdir
         self.extra_env = dict(env or {})
         self.extra_properties = dict(properties or {})
-        if log_config is None and _REPO_LOG_CONFIG.is_file():
-            log_config = _REPO_LOG_CONFIG
+        if log_config is None and LOG_CONFIG.is_file():
+            log_config = LOG_CONFIG
         self.log_config = Path(log_config).resolve() if log_config is not None else None
         self.start_timeout_s = start_timeout_s
         self.ports: dict[str, int] = {}

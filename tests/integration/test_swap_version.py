@@ -123,7 +123,8 @@ class Load:
 
 def test_swap_under_load_then_rollback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     require_torchserve()
-    from tools.swap_version import STATE_FILE, main
+    from layercache.cli.swap import main
+    from layercache.swap import STATE_FILE
 
     started = time.monotonic()
     store = tmp_path / "model-store"

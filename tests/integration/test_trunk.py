@@ -359,7 +359,7 @@ class Swapped:
 
 @pytest.fixture(scope="module")
 def swapped(served: Served, built: Built) -> Swapped:
-    from tools.swap_version import main as swap_main
+    from layercache.cli.swap import main as swap_main
 
     assert built.returncode == 0, "the build failed: see test_build_writes_report"
     started = time.monotonic()
@@ -416,7 +416,7 @@ def stopped(served: Served, recorded: Recorded, bad_batches: BadBatches, swapped
     """Stop TorchServe (SIGKILL of every worker), compact everything, read it back with pandas and pyarrow."""
     import pandas as pd
 
-    from layercache.logs import compact, read_logs, segment_dir
+    from layercache.trafficlog import compact, read_logs, segment_dir
 
     served.server.stop()
     compact(served.log_dir)
@@ -427,7 +427,7 @@ def stopped(served: Served, recorded: Recorded, bad_batches: BadBatches, swapped
 
 # -------------------------------------------------------------------------------------------------------- tests
 def test_recording_survives_a_killed_worker(served: Served, recorded: Recorded) -> None:
-    from layercache.logs import compact, read_logs, segment_dir
+    from layercache.trafficlog import compact, read_logs, segment_dir
 
     answers = recorded.answers
     ok = [a for a in answers if a.status == 200]
@@ -466,7 +466,7 @@ def test_recording_survives_a_killed_worker(served: Served, recorded: Recorded) 
 
 
 def test_requests_are_batched(served: Served, recorded: Recorded) -> None:
-    from layercache.logs import read_logs
+    from layercache.trafficlog import read_logs
 
     table = read_logs(served.log_dir, columns=["request_id", "time"])
     ids = {a.request_id for a in recorded.answers if a.status == 200}
@@ -478,7 +478,7 @@ def test_requests_are_batched(served: Served, recorded: Recorded) -> None:
 
 
 def test_bad_input_fails_only_its_own_request(served: Served, recorded: Recorded, bad_batches: BadBatches) -> None:
-    from layercache.logs import read_logs
+    from layercache.trafficlog import read_logs
 
     for burst in bad_batches.bursts:
         good, not_image, wrong_shape = burst[:6], burst[6], burst[7]
@@ -515,7 +515,7 @@ def test_build_writes_report(served: Served, built: Built) -> None:
 
 def test_swap_to_cached_version_under_traffic(served: Served, swapped: Swapped) -> None:
     from layercache.archive import read_mar
-    from layercache.logs import read_logs
+    from layercache.trafficlog import read_logs
 
     assert swapped.returncode == 0
     predictions = swapped.answers
@@ -604,7 +604,7 @@ def test_a_worker_times_its_policy_at_startup(served: Served, built: Built, swap
         spec_json=files[CACHE_SPEC_FILE].read_text(),
         heads_file=files[HEADS_FILE],
         sample_file=files[SAMPLE_FILE],
-        handler_config=HandlerConfig(record=False, policy="startup"),
+        handler_config=HandlerConfig(record=False, policy_source="startup"),
         version="1.0-startup",
     )
     client = served.server.client(timeout_s=120)

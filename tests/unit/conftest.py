@@ -8,7 +8,6 @@ tools run in-process.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import logging
 import sys
@@ -21,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from layercache.archive import archive_classifier
+from tests.helpers import tiny_archive
 
 
 @pytest.fixture(autouse=True)
@@ -50,46 +49,6 @@ def _restore_import_and_logging_state(tmp_path_factory: pytest.TempPathFactory) 
             del sys.modules[name]
 
 
-# ------------------------------------------------------------------------------------------- a tiny archive
-TINY_MODEL = '''"""Tiny classifier for layercache tests: one class, as TorchServe's model loader requires."""
-
-import torch
-from torch import nn
-
-
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
-        self.block1 = nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU())
-        self.block2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.block2(self.block1(self.stem(x))).mean(dim=(2, 3)))
-'''
-
-TINY_HANDLER = '''"""Tiny image handler for layercache tests: any image -> grayscale (1, H, W) tensor, no resizing."""
-
-from torchvision import transforms
-from ts.torch_handler.image_classifier import ImageClassifier
-
-
-class TinyHandler(ImageClassifier):
-    topk = 3
-    image_processing = transforms.Compose([transforms.Grayscale(1), transforms.ToTensor()])
-'''
-
-
-def load_class(path: Path, name: str) -> type:
-    """The class ``name`` of a model file, imported under a private module name."""
-    spec = importlib.util.spec_from_file_location(f"_layercache_test_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, name)
-
-
 @pytest.fixture
 def tiny_mar(tmp_path: Path) -> Callable[..., Path]:
     """Factory: archive the tiny classifier (seeded weights) with the stock or the tiny custom handler."""
@@ -101,28 +60,7 @@ def tiny_mar(tmp_path: Path) -> Callable[..., Path]:
         config: dict[str, Any] | None = None,
         extra_files: list[Path] | None = None,
     ) -> Path:
-        src = tmp_path / f"src-{name}"
-        src.mkdir(exist_ok=True)
-        model_file = src / "tiny_model.py"
-        model_file.write_text(TINY_MODEL)
-        torch.manual_seed(0)
-        weights = src / "tiny_model.pt"
-        torch.save(load_class(model_file, "TinyNet")().state_dict(), weights)
-        if handler == "custom":
-            handler_path: str | Path = src / "tiny_handler.py"
-            Path(handler_path).write_text(TINY_HANDLER)
-        else:
-            handler_path = handler
-        return archive_classifier(
-            model_name=name,
-            version="1.0",
-            model_file=model_file,
-            weights=weights,
-            handler=handler_path,
-            output=tmp_path / f"{name}.mar",
-            config=config,
-            extra_files=extra_files,
-        )
+        return tiny_archive(tmp_path, name, handler=handler, config=config, extra_files=extra_files)
 
     return make
 

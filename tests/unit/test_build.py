@@ -32,8 +32,8 @@ from layercache.build import (
 from layercache.errors import ConfigError, LogError
 from layercache.graph import count_flops
 from layercache.heads import search_space
-from layercache.logs import decode_inputs, encode_batch, make_schema
 from layercache.runtime import CachedModel, heads_state_dict, weights_fingerprint
+from layercache.trafficlog import decode_inputs, encode_batch, make_schema
 from layercache.training import TrainConfig
 
 ROWS = 600

@@ -84,7 +84,9 @@ def test_section_must_be_a_mapping() -> None:
         ({"mode": "caching"}, r"layercache.mode='caching' is not one of \('record', 'cached'\)"),
         ({"segment_mb": 0}, "segment_mb=0 must be > 0"),
         ({"max_log_gb": -1}, "max_log_gb=-1 must be > 0 or null"),
-        ({"policy": "fastest"}, r"layercache.policy='fastest' is not one of \('auto', 'startup', 'stored'\)"),
+        ({"policy_source": "x"}, r"layercache.policy_source='x' is not one of \('auto', 'startup', 'stored'\)"),
+        ({"policy": "fastest"}, r"layercache.policy_source='fastest' is not one of"),  # the old name is read
+        ({"policy": "auto", "policy_source": "auto"}, r"has both 'policy' and its new name 'policy_source'"),
     ],
 )
 def test_bad_values(section: dict, match: str) -> None:
@@ -172,3 +174,8 @@ def test_configs_are_frozen() -> None:
         HandlerConfig().mode = "cached"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         _exit().threshold = 0.1  # type: ignore[misc]
+
+
+def test_the_renamed_policy_key_still_loads() -> None:
+    # Archives built before the rename carry "policy:"; it means policy_source.
+    assert HandlerConfig.from_yaml_config({"layercache": {"policy": "startup"}}).policy_source == "startup"

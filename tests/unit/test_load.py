@@ -7,20 +7,10 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
 import pytest
 
-from layercache.testing.load import (
-    BAD_ANSWER,
-    EXIT_HEADER,
-    NO_ANSWER,
-    Answer,
-    Run,
-    percentile,
-    predict,
-    send_all,
-    summarize,
-)
+from layercache.evaluation import from_run, summarize_latency
+from layercache.testing.load import BAD_ANSWER, EXIT_HEADER, NO_ANSWER, predict, send_all
 
 NAMES = {"cat": 0, "dog": 1}
 
@@ -87,20 +77,8 @@ def test_send_all_answers_in_body_order_and_summarize_counts_failures(url: str) 
     assert seen == [20]
     assert [a.predicted for a in run.answers[:4]] == [0, 1, None, 0]
     assert run.failed == 5
-    stats = summarize(run)
+    stats = summarize_latency(from_run(run))
     assert stats["requests"] == 20 and stats["errors"] == 5 and stats["rps"] > 0
     assert 0 < stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"]
     with pytest.raises(ValueError, match="concurrency"):
         send_all(url, bodies, 0, NAMES)
-
-
-def test_percentile_matches_numpy_and_summarize_skips_failed_latencies() -> None:
-    values = [5.0, 1.0, 3.0, 2.0, 8.0, 13.0]
-    for q in (0, 10, 50, 90, 99, 100):
-        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
-    assert np.isnan(percentile([], 50))
-    with pytest.raises(ValueError, match="q=101"):
-        percentile(values, 101)
-    run = Run([Answer(200, 0.010, None, 0), Answer(200, 0.030, None, 1), Answer(503, 5.0, None, None)], seconds=1.0)
-    stats = summarize(run)
-    assert stats["p50_ms"] == pytest.approx(20.0) and stats["errors"] == 1 and stats["rps"] == pytest.approx(3.0)

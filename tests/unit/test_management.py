@@ -367,7 +367,7 @@ def test_archive_url_by_file_name_inside_the_store_else_file_uri(
 
 # -- tools/swap_version.py over the fake server -------------------------------------------------------------------
 def test_swap_then_rollback_over_fake_server(fake: FakeManagement, tmp_path: Path) -> None:
-    from tools.swap_version import main
+    from layercache.cli.swap import main
 
     store = tmp_path / "store"
     store.mkdir()
@@ -428,7 +428,7 @@ def test_swap_then_rollback_over_fake_server(fake: FakeManagement, tmp_path: Pat
 
 
 def test_swap_exit_codes(fake: FakeManagement, tmp_path: Path) -> None:
-    from tools.swap_version import main
+    from layercache.cli.swap import main
 
     mar = _write_mar(tmp_path / "tiny.mar", {"model": {"modelName": "tiny", "modelVersion": "1.0"}})
     fake.route("GET", "/models/tiny/all", (404, NOT_FOUND))
@@ -453,7 +453,7 @@ def test_swap_exit_codes(fake: FakeManagement, tmp_path: Path) -> None:
 def test_swap_to_an_already_registered_version_is_refused_before_registering(
     fake: FakeManagement, tmp_path: Path
 ) -> None:
-    from tools.swap_version import main
+    from layercache.cli.swap import main
 
     mar = _write_mar(tmp_path / "tiny.mar", {"model": {"modelName": "tiny", "modelVersion": "2.0"}})
     fake.route(

@@ -22,13 +22,13 @@ from torchvision.models.feature_extraction import get_graph_node_names
 
 from layercache.archive import archive_classifier
 from layercache.build import BuildConfig, build_cache
-from layercache.config import CACHE_SPEC_FILE, CacheSpec
+from layercache.config import CACHE_SPEC_FILE, EXIT_HEADER, CacheSpec
 from layercache.datasets import load_fashion_mnist, write_image_folder
-from layercache.entry import tool_main
-from layercache.logs import act_nodes_of, encode_batch, make_schema, read_logs
+from layercache.offline import open_mar, run_offline
 from layercache.runtime import CachedModel, heads_state_dict, weights_fingerprint
-from layercache.torchserve_adapter import EXIT_HEADER, open_mar, run_offline
+from layercache.trafficlog import act_nodes_of, encode_batch, make_schema, read_logs
 from layercache.training import TrainConfig
+from tests.helpers import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = 64
@@ -81,9 +81,6 @@ class PngHandler(ImageClassifier):
 '''
 
 
-tool = tool_main
-
-
 def write_model(arch: str, builder: str, out: Path) -> tuple[Path, torch.nn.Module]:
     """The model file (module name unique per architecture) and an instance of its class."""
     out.mkdir(parents=True, exist_ok=True)
@@ -129,7 +126,7 @@ def test_tool_chain(arch: str, images: Path, tmp_path: Path) -> None:
         tmp_path / "logs",
         tmp_path / "report",
     )
-    assert tool("archiver/wrap_mar.py")([str(mar), "-o", str(rec), "--quiet"]) == 0
+    assert tool("archiver/wrap_mar.py")([str(mar), "-o", str(rec), "--input-shape", "3,32,32", "--quiet"]) == 0
     assert (
         tool("tools/record.py")(
             ["--mar", str(rec), "--images", str(images), "--log-dir", str(logs), "--batch-size", "32", "--quiet"]
@@ -174,7 +171,7 @@ def test_tool_chain(arch: str, images: Path, tmp_path: Path) -> None:
     spec = CacheSpec.load(tmp_path / "served" / CACHE_SPEC_FILE)
     assert spec.candidates == tuple(nodes)
     files = sorted(images.rglob("*.png"))[:SERVED]
-    answers, codes = run_offline(served.handler, served.context, [{"data": f.read_bytes()} for f in files])
+    answers, codes = run_offline(served, [{"data": f.read_bytes()} for f in files])
     assert codes == [200] * SERVED
     assert all(isinstance(a, dict) and len(a) == 3 for a in answers)
     exits = {served.context.get_response_headers(i)[EXIT_HEADER] for i in range(SERVED)}

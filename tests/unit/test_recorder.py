@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from layercache import logs
+from layercache import trafficlog as logs
 from layercache.errors import ConfigError
 from layercache.recorder import Recorder, RecorderConfig
 
@@ -33,7 +33,7 @@ WORKER = textwrap.dedent(
 
     import numpy as np
 
-    from layercache import logs
+    from layercache import trafficlog as logs
     from layercache.recorder import Recorder, RecorderConfig
 
     log_dir, tag, batches, segment_bytes, end = sys.argv[1:6]

@@ -202,18 +202,3 @@ def test_plots_draw_the_curves(written: tuple[Path, list[Path]], name: str) -> N
     # matplotlib's first two line colours: the hit-rate and cache-accuracy curves are drawn.
     for colour in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)):
         assert (pixels == colour).all(axis=1).sum() > 50
-
-
-def test_exit_flops_charges_the_prefix_and_every_head_on_the_way() -> None:
-    from layercache.report import exit_flops
-
-    report = {
-        "mean_flops_original": 100.0,
-        "exits": [
-            {"node": "a", "threshold": 0.9, "head_flops": 2.0, "flops_remaining": 80.0},
-            {"node": "off", "threshold": "inf", "head_flops": 50.0, "flops_remaining": 60.0},
-            {"node": "b", "threshold": 0.8, "head_flops": 3.0, "flops_remaining": 40.0},
-        ],
-    }
-    # a: 20 of backbone + head a; b: 60 of backbone + heads a and b; the disabled head costs nothing.
-    assert exit_flops(report) == {"a": 22.0, "b": 65.0, "backbone": 105.0}

@@ -313,16 +313,17 @@ def test_policy_picks_mode_by_batch_size_and_backbone_mode_skips_heads() -> None
 
 
 def test_measure_policy_returns_a_valid_mode_per_batch_size() -> None:
-    from layercache.runtime import MODES, measure_policy
+    from layercache.runtime import RUN_MODES, measure_policy
 
     torch.manual_seed(0)
     backbone = _policy_backbone()
     head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
     model = CachedModel(split(backbone, ["1"]), [head], ["1"], [1.0], [0.9]).eval()
     policy = measure_policy(model, torch.randn(16, 3, 4, 4), batch_sizes=(1, 4), repeats=1)
-    assert set(policy) == {"1", "4"} and set(policy.values()) <= set(MODES)
-    model.policy = policy
-    assert model.mode_for(4) == policy["4"]
+    assert set(policy) == {"1", "4"} and set(policy.values()) <= set(RUN_MODES)
+    timed = model.with_policy(policy)
+    assert timed.mode_for(4) == policy["4"] and model.policy == {}  # a new model; the old one is unchanged
+    assert timed.segments[0] is model.segments[0] and timed.heads[0] is model.heads[0]
 
 
 def test_measure_policy_skips_heads_that_cost_more_than_they_save_unless_within_the_margin() -> None:

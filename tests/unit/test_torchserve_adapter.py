@@ -20,21 +20,15 @@ import torch.nn.functional as F
 from captum.attr import IntegratedGradients
 
 from layercache.archive import package_cached, wrap_for_recording
-from layercache.config import SAMPLE_FILE, CacheSpec, ExitSpec, HandlerConfig
+from layercache.config import EXIT_HEADER, SAMPLE_FILE, CacheSpec, ExitSpec, HandlerConfig
 from layercache.errors import ArchiveError
 from layercache.graph import split
 from layercache.heads import HeadSpec, build_head
-from layercache.logs import act_nodes_of, decode_inputs, decode_probs, read_logs
+from layercache.offline import LoadedMar, open_mar, run_offline
 from layercache.runtime import heads_state_dict, weights_fingerprint
-from layercache.torchserve_adapter import (
-    EXIT_HEADER,
-    LoadedMar,
-    ServiceHandler,
-    load_inner_handler,
-    open_mar,
-    run_offline,
-    set_requests,
-)
+from layercache.serving import CachedService, RecordingService
+from layercache.torchserve_adapter import ServiceHandler, load_inner_handler, set_requests
+from layercache.trafficlog import act_nodes_of, decode_inputs, decode_probs, read_logs
 
 MarFactory = Callable[..., Path]
 PngFactory = Callable[..., bytes]
@@ -72,7 +66,7 @@ def test_open_mar_loads_the_original_or_the_served_handler(mar: Path, rec_mar: P
     served = open_mar(rec_mar, tmp_path / "b", as_served=True)
     assert isinstance(served.handler, ServiceHandler) and served.handler.initialized
     assert type(served.handler).__name__ == "LayercacheRecordingHandler"
-    assert served.handler.service.config.mode == "record"
+    assert isinstance(served.handler.service, RecordingService)
     # The build's view of a recording archive: its original handler and backbone.
     build_view = open_mar(rec_mar, tmp_path / "c")
     assert type(build_view.handler).__name__ == "TinyHandler"
@@ -92,7 +86,7 @@ def test_bad_rows_get_400_and_the_others_are_answered_and_recorded(
         {"data": make_png((20, 20), seed=2), "label": "5"},
         {"data": make_png(seed=3), "label": b"7"},
     ]
-    answers, codes = run_offline(loaded.handler, loaded.context, rows)
+    answers, codes = run_offline(loaded, rows)
     ctx = loaded.context
     assert codes == [400, 200, 400, 200]
     assert answers[0].startswith("layercache: request 0 could not be preprocessed: UnidentifiedImageError")
@@ -104,8 +98,7 @@ def test_bad_rows_get_400_and_the_others_are_answered_and_recorded(
     assert len(answers[1]) == 3  # the handler's topk
     assert [ctx.get_response_headers(i).get(EXIT_HEADER) for i in range(4)] == [None, "backbone", None, "backbone"]
 
-    service = loaded.handler.service
-    service.recorder.close()
+    loaded.close()
     table = read_logs(tmp_path / "logs")
     ids = [ctx.get_request_id(i) for i in range(4)]
     assert table.column("request_id").to_pylist() == [ids[1], ids[3]]
@@ -125,9 +118,15 @@ def test_the_first_batch_sets_the_shape_without_input_shape(mar: Path, tmp_path:
     rec = wrap_for_recording(mar, tmp_path / "r.mar", handler_config=HandlerConfig(log_dir=str(tmp_path / "logs")))
     loaded = open_mar(rec, tmp_path / "served", as_served=True)
     rows = [{"data": make_png((20, 20))}, {"data": make_png()}, {"data": make_png((20, 20), seed=4)}]
-    answers, codes = run_offline(loaded.handler, loaded.context, rows)
+    answers, codes = run_offline(loaded, rows)
     assert codes == [200, 400, 200]
     assert answers[1] == "layercache: request 1 has input shape [1, 28, 28], the model expects [1, 20, 20]"
+    # The shape stays fixed for the worker's lifetime, not just for one batch.
+    _, codes = run_offline(loaded, [{"data": make_png()}, {"data": make_png((20, 20), seed=5)}])
+    assert codes == [400, 200]
+    # Without input_shape nothing is traced (no candidates): inputs and answers are recorded, no activations.
+    loaded.close()
+    assert act_nodes_of(read_logs(tmp_path / "logs").schema) == []
 
 
 def test_explanations_and_predictions_are_routed_per_row(
@@ -150,7 +149,7 @@ def test_explanations_and_predictions_are_routed_per_row(
     ig = IntegratedGradients(original.backbone)
     want = ig.attribute(x[[0, 2]], target=[int(logits[0].argmax()), 4], n_steps=15)
     assert np.allclose(attr, want.detach().numpy(), atol=1e-5)
-    loaded.handler.service.recorder.close()
+    loaded.close()
     assert read_logs(tmp_path / "logs").column("request_id").to_pylist() == [ids[1], ids[3]]
 
 
@@ -162,11 +161,11 @@ def test_a_recording_failure_never_fails_a_request(
     loaded = open_mar(rec_mar, tmp_path / "served", as_served=True, handler_overrides={"log_dir": str(not_a_dir)})
     rows = [{"data": make_png(seed=i)} for i in range(3)]
     for _ in range(2):
-        answers, codes = run_offline(loaded.handler, loaded.context, rows)
+        answers, codes = run_offline(loaded, rows)
         assert codes == [200, 200, 200]
         assert answers == original_answers(original, rows)[0]
-    recorder = loaded.handler.service.recorder
-    assert (recorder.written_rows, recorder.failed_rows) == (0, 6)
+    info = json.loads(loaded.handler.describe_handle())
+    assert (info["recorded_rows"], info["record_failed_rows"]) == (0, 6)
 
 
 def _cached_mar(
@@ -221,15 +220,15 @@ def test_cached_worker_times_its_policy_at_startup_on_the_shipped_sample(
     with zipfile.ZipFile(cached) as z:
         assert torch.equal(torch.load(io.BytesIO(z.read(SAMPLE_FILE)), weights_only=True), sample)
 
-    measured = open_mar(cached, tmp_path / "startup", as_served=True, handler_overrides={"policy": "startup"})
+    measured = open_mar(cached, tmp_path / "startup", as_served=True, handler_overrides={"policy_source": "startup"})
     service = measured.handler.service
     # The context's batch size is 1, so the worker times batch 1 only.
     assert service.policy_source == "startup" and set(service.model.policy) == {"1"}
-    assert json.loads(service.describe())["policy"] == {"modes": service.model.policy, "source": "startup"}
+    assert service.describe()["policy"] == {"modes": service.model.policy, "source": "startup"}
 
     # auto on a CPU worker and stored keep the build's policy (none here: shrink everywhere).
     for policy in ("auto", "stored"):
-        loaded = open_mar(cached, tmp_path / policy, as_served=True, handler_overrides={"policy": policy})
+        loaded = open_mar(cached, tmp_path / policy, as_served=True, handler_overrides={"policy_source": policy})
         assert loaded.handler.service.policy_source == "default" and loaded.handler.service.model.policy == {}
 
     # A sample the model cannot run (here: the wrong shape) leaves the stored policy; the worker still serves.
@@ -237,13 +236,13 @@ def test_cached_worker_times_its_policy_at_startup_on_the_shipped_sample(
         rec_mar, tmp_path, original.backbone, threshold=0.5, fingerprint=fp, sample=torch.zeros(2, 3, 5, 5).half()
     )
     with caplog.at_level(logging.ERROR):
-        loaded = open_mar(bad, tmp_path / "bad", as_served=True, handler_overrides={"policy": "startup"})
+        loaded = open_mar(bad, tmp_path / "bad", as_served=True, handler_overrides={"policy_source": "startup"})
     assert loaded.handler.service.policy_source == "default" and "timing the policy at startup failed" in caplog.text
 
     # An archive without a sample falls back to the stored policy and says why.
     old = _cached_mar(rec_mar, tmp_path, original.backbone, threshold=0.5, fingerprint=fp)
     with caplog.at_level(logging.WARNING):
-        loaded = open_mar(old, tmp_path / "old", as_served=True, handler_overrides={"policy": "startup"})
+        loaded = open_mar(old, tmp_path / "old", as_served=True, handler_overrides={"policy_source": "startup"})
     assert loaded.handler.service.policy_source == "default"
     assert SAMPLE_FILE in caplog.text
 
@@ -256,7 +255,7 @@ def test_cached_archive_answers_from_the_head_with_the_exit_header(
     loaded = open_mar(cached, tmp_path / "served", as_served=True)
     assert type(loaded.handler).__name__ == "LayercacheCachedHandler"
     rows = [{"data": make_png(seed=i)} for i in range(3)] + [{"data": b"junk"}]
-    answers, codes = run_offline(loaded.handler, loaded.context, rows)
+    answers, codes = run_offline(loaded, rows)
     assert codes == [200, 200, 200, 400]
     assert [loaded.context.get_response_headers(i).get(EXIT_HEADER) for i in range(4)] == [EXIT_NODE] * 3 + [None]
     # Threshold 0: every row is answered by the head, at its temperature.
@@ -267,7 +266,8 @@ def test_cached_archive_answers_from_the_head_with_the_exit_header(
     assert answers[:3] == original.handler.postprocess(logp)
     info = json.loads(loaded.handler.describe_handle())
     assert info["mode"] == "cached" and info["exits"] == [{"node": EXIT_NODE, "threshold": 0.0}]
-    loaded.handler.service.recorder.close()
+    assert isinstance(loaded.handler.service, CachedService)
+    loaded.close()
     assert read_logs(tmp_path / "clogs").column("exit").to_pylist() == [EXIT_NODE] * 3
 
 

@@ -18,7 +18,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from layercache import logs
+from layercache import trafficlog as logs
 from layercache.errors import LogError
 
 NODES = ["layer1.0.relu_1", "layer2.1.relu_1"]
@@ -244,7 +244,7 @@ def test_read_segment_skips_torn_tail_with_warning(tmp_path: Path, caplog: pytes
     full = path.stat().st_size
     with open(path, "r+b") as handle:
         handle.truncate((two_batches + full) // 2)  # in the middle of the last batch
-    with caplog.at_level(logging.WARNING, logger="layercache.logs"):
+    with caplog.at_level(logging.WARNING, logger="layercache.trafficlog"):
         table = logs.read_segment(path)
     assert table["request_id"].to_pylist() == [f"{i}-{j}" for i in range(2) for j in range(4)]
     assert any("torn tail after 2 complete batches" in r.getMessage() for r in caplog.records)
@@ -332,7 +332,7 @@ def test_compact_leaves_a_non_ipc_segment_and_goes_on(tmp_path: Path, caplog: py
     bad = logs.segment_dir(tmp_path) / "seg-bad.arrows"
     _write_segment(tmp_path, "good", [_batch(schema, "g")])
     bad.write_bytes(b"garbage garbage garbage")
-    with caplog.at_level(logging.ERROR, logger="layercache.logs"):
+    with caplog.at_level(logging.ERROR, logger="layercache.trafficlog"):
         written = logs.compact(tmp_path)
     assert [p.name for p in written] == ["part-seg-good.parquet"]
     assert bad.exists()

@@ -1,0 +1,178 @@
+"""Build a cached .mar from recorded traffic (no labels, no training data).
+
+Reads the logs, finds candidate layers (torch.fx), searches and trains cache heads by KL distillation against
+the backbone's outputs, calibrates them (temperature scaling), sets thresholds from the accuracy-drop tolerance
+(tolerance/2^n for the n-th head), picks the best subset (K(S) score) and packages the cached .mar with a report.
+The archive's own Python code (model file, handler) runs here, as in TorchServe: build only from archives you
+trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import NormalDist
+
+from layercache.build import BuildConfig
+from layercache.cli import run_command, setup_logging
+from layercache.config import POLICY_SOURCES
+from layercache.errors import ConfigError
+from layercache.pipeline import BuildRequest, build_cached_archive, list_layers
+from layercache.progress import progress
+from layercache.training import TrainConfig
+
+logger = logging.getLogger("layercache.build")
+
+EPILOG = """examples:
+  python tools/build_cache.py --mar model-store/fashion.mar --logs logs/fashion --tolerance 0.01 \\
+      -o model-store/fashion_cached.mar --report reports/fashion
+  python tools/build_cache.py --mar model.mar --logs logs/m --cost latency --version 2.0 -o m_cached.mar --report r/
+  python tools/build_cache.py --mar model.mar --logs logs/m --list-layers
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="build_cache.py",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--mar", type=Path, required=True, help="the original (or recording) classifier archive")
+    p.add_argument("--logs", type=Path, required=True, help="log dir written by the recording handler")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="accepted accuracy drop, 0.01 = 1 point (default: 0.01); it must be at least about 4.6 / (validation "
+        "rows, 20%% of the logged requests) for any head to answer: 0.0033 for 7,000 requests",
+    )
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=None,
+        help="how sure each head's threshold must be to keep its wrong answers within its share of the tolerance "
+        "(one-sided, exact Poisson bound on the validation split): higher is safer on unseen traffic and saves "
+        "less (default: 0.9, BuildConfig.margin_z = 1.28)",
+    )
+    p.add_argument("-o", "--output", type=Path, help="cached archive to write (.mar); required unless --list-layers")
+    p.add_argument("--report", type=Path, default=None, help="report dir: report.json, report.md, PNGs (default: none)")
+    p.add_argument("--version", default=None, help="version of the cached archive (default: <original>-cached)")
+    p.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="where the cached archive keeps recording traffic (default: the recording archive's log dir "
+        "when --mar is one, else $LAYERCACHE_LOG_DIR/<model> or ~/.layercache/logs/<model>)",
+    )
+    p.add_argument(
+        "--cost",
+        choices=("flops", "latency"),
+        default="flops",
+        help="select the head subset by FLOPs or by latency measured on this device (default: flops)",
+    )
+    p.add_argument(
+        "--policy",
+        action="store_true",
+        help="time shrink / no-shrink / backbone-only per batch size (1-128) on this device and store the "
+        "fastest in the cache, so the cached model skips what does not pay here (default: off: always shrink). "
+        "Workers on a GPU time their own device at startup instead (--policy-source auto)",
+    )
+    p.add_argument(
+        "--policy-source",
+        choices=POLICY_SOURCES,
+        default="auto",
+        help="where cached workers get their per-batch-size policy: 'startup' times it on the worker's device "
+        "before taking traffic, 'stored' uses --policy's (or shrink everywhere), 'auto' is startup on a GPU, "
+        "stored elsewhere (default: auto)",
+    )
+    p.add_argument("--layers", default=None, help="comma-separated candidate fx node names (default: automatic)")
+    p.add_argument("--list-layers", action="store_true", help="print the candidate and all cuttable layers, then exit")
+    p.add_argument("--trials", type=int, default=4, help="head architectures tried per layer (default: 4)")
+    p.add_argument("--epochs", type=int, default=20, help="max training epochs per head, early stopped (default: 20)")
+    p.add_argument(
+        "--train-threads",
+        type=int,
+        default=1,
+        help="torch threads while training heads: small heads train fastest on one (default: 1)",
+    )
+    p.add_argument("--max-rows", type=int, default=None, help="use at most this many logged rows (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed for split, init and shuffling (default: 0)")
+    p.add_argument("--device", default="cpu", help="torch device for the build (default: cpu)")
+    p.add_argument("--force", action="store_true", help="overwrite the output archive (default: refuse)")
+    p.add_argument("--quiet", action="store_true", help="warnings only, no progress bars (default: off)")
+    p.add_argument("--verbose", action="store_true", help="debug logging (default: off)")
+    return p
+
+
+@dataclass(frozen=True)
+class BuildArgs:
+    """The parsed command line: a build request, or a request to list the layers."""
+
+    request: BuildRequest | None
+    mar: Path
+    logs: Path
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[BuildArgs, argparse.Namespace]:
+    ns = parser.parse_args(argv)
+    if not ns.list_layers and ns.output is None:
+        parser.error("-o/--output is required (the cached .mar to write)")
+    if ns.output is not None and ns.output.exists() and not ns.force:
+        parser.error(f"{ns.output} exists; pass --force to overwrite it")
+    if not 0 < ns.tolerance < 1:
+        parser.error(f"--tolerance {ns.tolerance} must be in (0, 1), e.g. 0.01")
+    if ns.confidence is not None and not 0.5 < ns.confidence < 1:
+        parser.error(f"--confidence {ns.confidence} must be in (0.5, 1), e.g. 0.9 or 0.95")
+    if ns.list_layers:
+        return BuildArgs(None, ns.mar, ns.logs), ns
+    try:
+        config = BuildConfig(
+            tolerance=ns.tolerance,
+            seed=ns.seed,
+            trials=ns.trials,
+            cost=ns.cost,
+            train=TrainConfig(epochs=ns.epochs, patience=3, seed=ns.seed, num_threads=ns.train_threads),
+            nodes=tuple(ns.layers.split(",")) if ns.layers else None,
+            **({} if ns.confidence is None else {"margin_z": NormalDist().inv_cdf(ns.confidence)}),
+        )
+        request = BuildRequest(
+            mar=ns.mar,
+            logs=ns.logs,
+            output=ns.output,
+            config=config,
+            report_dir=ns.report,
+            version=ns.version,
+            log_dir=ns.log_dir,
+            measure_policy=ns.policy,
+            policy_source=ns.policy_source,
+            max_rows=ns.max_rows,
+            force=ns.force,
+        )
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return BuildArgs(request, ns.mar, ns.logs), ns
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, ns = parse_args(parser, argv)
+    setup_logging(ns.quiet, ns.verbose)
+    if ns.device != "cpu":
+        logger.warning("--device %s: the build runs on the CPU in this version", ns.device)
+    request = args.request
+    if request is None:
+
+        def call() -> None:
+            sys.stdout.write(list_layers(args.mar, args.logs).text())
+
+    else:
+
+        def call() -> None:
+            build_cached_archive(request, progress=progress)
+
+    return run_command(call, logger)

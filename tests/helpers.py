@@ -1,0 +1,98 @@
+"""Helpers shared by the test modules: the repository's command files as importable modules."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tool_module(rel: str) -> ModuleType:
+    """A command file of the checkout, e.g. ``tools/build_cache.py``, imported as ``tools.build_cache``."""
+    return importlib.import_module(".".join(Path(rel).with_suffix("").parts))
+
+
+def tool(rel: str) -> Callable[[list[str] | None], int]:
+    """The ``main(argv) -> int`` of a command file: the same function its console script runs."""
+    return tool_module(rel).main
+
+
+TINY_MODEL = '''"""Tiny classifier for layercache tests: one class, as TorchServe's model loader requires."""
+
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.block1 = nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block2(self.block1(self.stem(x))).mean(dim=(2, 3)))
+'''
+
+TINY_HANDLER = '''"""Tiny image handler for layercache tests: any image -> grayscale (1, H, W) tensor, no resizing."""
+
+from torchvision import transforms
+from ts.torch_handler.image_classifier import ImageClassifier
+
+
+class TinyHandler(ImageClassifier):
+    topk = 3
+    image_processing = transforms.Compose([transforms.Grayscale(1), transforms.ToTensor()])
+'''
+
+
+def load_class(path: Path, name: str) -> type:
+    """The class ``name`` of a model file, imported under a private module name."""
+    spec = importlib.util.spec_from_file_location(f"_layercache_test_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def tiny_archive(
+    out: Path,
+    name: str = "tiny",
+    *,
+    handler: str = "custom",
+    config: dict[str, Any] | None = None,
+    extra_files: list[Path] | None = None,
+) -> Path:
+    """Archive the tiny classifier (seeded weights) with the stock (``handler=<name>``) or the tiny custom handler."""
+    import torch
+
+    from layercache.archive import archive_classifier
+
+    src = out / f"src-{name}"
+    src.mkdir(parents=True, exist_ok=True)
+    model_file = src / "tiny_model.py"
+    model_file.write_text(TINY_MODEL)
+    torch.manual_seed(0)
+    weights = src / "tiny_model.pt"
+    torch.save(load_class(model_file, "TinyNet")().state_dict(), weights)
+    if handler == "custom":
+        handler_path: str | Path = src / "tiny_handler.py"
+        Path(handler_path).write_text(TINY_HANDLER)
+    else:
+        handler_path = handler
+    return archive_classifier(
+        model_name=name,
+        version="1.0",
+        model_file=model_file,
+        weights=weights,
+        handler=handler_path,
+        output=out / f"{name}.mar",
+        config=config,
+        extra_files=extra_files,
+    )
