@@ -11,8 +11,10 @@ the recording handler answers exactly like the original while logging what a lat
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,7 @@ from layercache.config import CacheSpec
 from layercache.errors import ConfigError
 from layercache.graph import split
 from layercache.heads import HeadSpec, build_head
+from layercache.outputs import OutputSpec
 from layercache.timing import interleaved
 
 logger = logging.getLogger(__name__)
@@ -60,15 +63,27 @@ class CachedOutput:
     """Output of :meth:`CachedModel.run` for one batch, in request order.
 
     Attributes:
-        logits: ``(B, K)``; backbone logits for rows that went all the way, calibrated log-probabilities for rows
-            answered by a head (``softmax`` of either is the answered distribution).
+        logits: ``(B, K)`` the answered class scores, in the backbone's own kind (:class:`OutputSpec`): the backbone's
+            for rows that went all the way, a head's calibrated distribution for rows it answered (log-probabilities
+            for a backbone of logits: ``softmax`` of either is the answered distribution).
         exit_index: ``(B,)`` long; position of the exit in ``CachedModel.nodes``, or ``-1`` for the backbone.
         batch_sizes: rows entering each segment (shows the shrinking), length ``len(nodes) + 1``.
+        output: what the original ``postprocess`` gets: ``logits`` for a backbone returning a tensor, else an object
+            of the backbone's own form (see :meth:`OutputSpec.assemble`).
+        confidence: ``(B,)`` calibrated confidence of the head that answered, NaN for backbone rows.
+        backbone_pred: ``(B,)`` long, the backbone's top-1 where it ran to the end for the row (every backbone row,
+            and cache hits that were verified); ``-1`` elsewhere.
+        verified: ``(B,)`` bool, rows answered by a head that also ran the rest of the backbone (online
+            verification: their ``backbone_pred`` says whether the head agreed).
     """
 
     logits: torch.Tensor
     exit_index: torch.Tensor
     batch_sizes: tuple[int, ...]
+    output: Any = None
+    confidence: torch.Tensor | None = None
+    backbone_pred: torch.Tensor | None = None
+    verified: torch.Tensor | None = None
 
 
 class CachedModel(nn.Module):
@@ -85,6 +100,7 @@ class CachedModel(nn.Module):
         policy: per batch size, the mode measured fastest on this device (see :func:`measure_policy`):
             ``{"<min batch>": "shrink" | "noshrink" | "backbone"}``; a batch uses the entry with the largest
             min batch <= its size; no entry means ``shrink`` (or ``noshrink`` when ``shrink`` is False).
+        output: where the class scores are in the backbone's output and what they are (default: a logits tensor).
 
     Example:
         >>> model = CachedModel.from_spec(backbone, spec, heads_state)
@@ -101,6 +117,7 @@ class CachedModel(nn.Module):
         *,
         shrink: bool = True,
         policy: Mapping[str, str] | None = None,
+        output: OutputSpec | None = None,
     ) -> None:
         super().__init__()
         n = len(heads)
@@ -116,9 +133,12 @@ class CachedModel(nn.Module):
         self.temperatures = tuple(float(t) for t in temperatures)
         self.thresholds = tuple(float(t) for t in thresholds)
         self.shrink = shrink
+        self.output = output or OutputSpec()
         self._policy = validate_policy(policy or {})
         # Sorted once here, not on every request.
         self._policy_steps = sorted((int(k), v) for k, v in self._policy.items())
+        # An output of the backbone's form for batches a head answers entirely (set by from_spec / _like).
+        self._template: Any = None
 
     @classmethod
     def from_spec(
@@ -158,36 +178,41 @@ class CachedModel(nn.Module):
             [e.threshold for e in spec.exits],
             shrink=spec.shrink,
             policy=spec.policy,
+            output=OutputSpec.from_dict(spec.output),
         )
+        if model.output.key is not None:
+            # The backbone's form, for batches the heads answer entirely (no backbone output to copy then).
+            with torch.inference_mode():
+                example = torch.zeros((1, *spec.input_shape), device=next(backbone.parameters()).device)
+                model._template = backbone(example)
         return model.eval()
+
+    def _like(self, **changes: Any) -> CachedModel:
+        kwargs: dict[str, Any] = {
+            "thresholds": self.thresholds,
+            "shrink": self.shrink,
+            "policy": self.policy,
+            "output": self.output,
+        }
+        kwargs.update(changes)
+        thresholds = kwargs.pop("thresholds")
+        model = CachedModel(
+            list(self.segments), list(self.heads), self.nodes, self.temperatures, thresholds, **kwargs
+        ).train(self.training)
+        model._template = self._template
+        return model
 
     def with_thresholds(self, thresholds: Sequence[float]) -> CachedModel:
         """The same segments and heads (shared, not copied) with other thresholds, e.g. ``[1.01] * n`` for heads
         that run but never fire (the price of the heads) or ``inf`` to skip them."""
-        return CachedModel(
-            list(self.segments),
-            list(self.heads),
-            self.nodes,
-            self.temperatures,
-            thresholds,
-            shrink=self.shrink,
-            policy=self.policy,
-        ).train(self.training)
+        return self._like(thresholds=thresholds)
 
     def with_policy(self, policy: Mapping[str, str]) -> CachedModel:
         """The same segments, heads and thresholds with another per-batch-size policy."""
-        return CachedModel(
-            list(self.segments),
-            list(self.heads),
-            self.nodes,
-            self.temperatures,
-            self.thresholds,
-            shrink=self.shrink,
-            policy=policy,
-        ).train(self.training)
+        return self._like(policy=policy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits in request order (see :class:`CachedOutput`)."""
+        """The answered class scores in request order (see :class:`CachedOutput`)."""
         return self.run(x).logits
 
     @property
@@ -204,76 +229,107 @@ class CachedModel(nn.Module):
             mode = m
         return mode
 
-    def run(self, x: torch.Tensor, mode: str | None = None) -> CachedOutput:
-        """Algorithm 1: segments in order; after each head resolve the confident rows and shrink the batch.
+    def run(
+        self,
+        x: torch.Tensor,
+        mode: str | None = None,
+        *,
+        verify: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> CachedOutput:
+        """Algorithm 1: segments in order; after each head answer the confident rows and shrink the batch.
+
+        The request path syncs with the host once per head that runs (``nonzero``, to know how many rows go on) in
+        ``shrink`` mode, never in ``noshrink`` mode; answers are scattered with ``index_copy`` and ``where``.
 
         Args:
             x: the batch.
             mode: ``shrink``, ``noshrink`` or ``backbone`` (heads skipped); default :meth:`mode_for`.
+            verify: share of cache hits that also run the rest of the backbone (online verification): they are
+                answered by the head all the same, and ``backbone_pred`` says what the backbone would have answered.
+                In ``noshrink`` mode every row runs the backbone, so every hit is verified at no cost.
+            generator: random source of the verification draws (seeded in tests), on ``x``'s device.
         """
         batch = x.shape[0]
         mode = mode or self.mode_for(batch)
         if mode not in RUN_MODES:
             raise ConfigError(f"mode {mode!r} is not one of {RUN_MODES}")
+        if not 0.0 <= verify <= 1.0:
+            raise ConfigError(f"verify={verify} must be a fraction in [0, 1]")
+        device = x.device
+        no_row = torch.full((batch,), BACKBONE_EXIT, dtype=torch.long, device=device)
         if mode == "backbone":
             h = x
             for seg in self.segments:
                 h = seg(h)
-            index = torch.full((batch,), BACKBONE_EXIT, dtype=torch.long, device=x.device)
-            return CachedOutput(h, index, tuple([batch] * len(self.segments)))
+            scores = self.output.scores(h)
+            return CachedOutput(
+                scores,
+                no_row,
+                tuple([batch] * len(self.segments)),
+                output=h,
+                confidence=torch.full((batch,), math.nan, device=device),
+                backbone_pred=scores.argmax(1),
+                verified=torch.zeros(batch, dtype=torch.bool, device=device),
+            )
         shrink = mode == "shrink"
-        device = x.device
-        exit_index = torch.full((batch,), BACKBONE_EXIT, dtype=torch.long, device=device)
+        exit_index = no_row.clone()
+        confidence = torch.full((batch,), math.nan, device=device)
+        answered = torch.zeros(batch, dtype=torch.bool, device=device)
+        backbone_pred = no_row.clone()
         remaining = torch.arange(batch, device=device)
-        out: torch.Tensor | None = None
+        head_logp: torch.Tensor | None = None  # (batch, K): the answering head's log-probabilities
         sizes: list[int] = []
-        resolved: list[tuple[torch.Tensor, torch.Tensor]] = []
         h = x
         for i, head in enumerate(self.heads):
             sizes.append(int(h.shape[0]))
             h = self.segments[i](h)
             threshold = self.thresholds[i]
-            if threshold == float("inf"):
+            if threshold == math.inf:
                 continue
             logp = F.log_softmax(head(h) / self.temperatures[i], dim=1)
-            conf = logp.max(dim=1).values.exp()
-            hit = conf >= threshold
-            if shrink:
-                n_hit = int(hit.sum())
-                if n_hit == 0:
-                    continue
-                rows = remaining[hit]
-                exit_index[rows] = i
-                resolved.append((rows, logp[hit]))
-                if n_hit == h.shape[0]:
-                    remaining = remaining[:0]
-                    h = h[:0]
-                    break
-                keep = ~hit
-                h = h[keep]
-                remaining = remaining[keep]
-            else:
-                # No shrinking: every row goes on; a row keeps the answer of the first head it hit.
-                fresh = hit & (exit_index[remaining] == BACKBONE_EXIT)
-                exit_index[remaining[fresh]] = i
-                resolved.append((remaining[fresh], logp[fresh]))
+            conf = logp.amax(dim=1).exp()
+            hit = (conf >= threshold) & ~answered.index_select(0, remaining)
+            if head_logp is None:
+                head_logp = logp.new_zeros((batch, logp.shape[1]))
+            head_logp.index_copy_(0, remaining, torch.where(hit[:, None], logp, head_logp.index_select(0, remaining)))
+            exit_index.index_copy_(0, remaining, torch.where(hit, i, exit_index.index_select(0, remaining)))
+            confidence.index_copy_(
+                0, remaining, torch.where(hit, conf.to(confidence.dtype), confidence.index_select(0, remaining))
+            )
+            answered.index_copy_(0, remaining, answered.index_select(0, remaining) | hit)
+            if not shrink:
+                continue
+            go_on = ~hit
+            if verify > 0:
+                go_on |= hit & (torch.rand(hit.shape, device=device, generator=generator) < verify)
+            keep = go_on.nonzero().squeeze(1)  # the one host sync of this head
+            if keep.shape[0] == h.shape[0]:
+                continue
+            remaining = remaining.index_select(0, keep)
+            if keep.shape[0] == 0:
+                break
+            h = h.index_select(0, keep)
         if remaining.shape[0] > 0:
             sizes.append(int(h.shape[0]))
             for seg in self.segments[len(sizes) - 1 :]:
                 h = seg(h)
-            out = torch.empty((batch, h.shape[1]), dtype=h.dtype, device=device)
-            if shrink:
-                out[remaining] = h
+            template = h
+            scores = self.output.scores(h)
+            backbone_pred.index_copy_(0, remaining, scores.argmax(1))
+            if head_logp is None:
+                final = scores  # no head ran: every row is the backbone's
             else:
-                out.copy_(h)
+                final = self.output.from_logp(head_logp).to(scores.dtype)
+                mine = ~answered.index_select(0, remaining)
+                final.index_copy_(0, remaining, torch.where(mine[:, None], scores, final.index_select(0, remaining)))
+        else:
+            template = self._template
+            final = self.output.from_logp(head_logp) if head_logp is not None else x.new_zeros((batch, 0))
         sizes.extend([0] * (len(self.segments) - len(sizes)))
-        if out is None:
-            # Every row was answered by a head.
-            k = resolved[0][1].shape[1]
-            out = torch.empty((batch, k), dtype=resolved[0][1].dtype, device=device)
-        for rows, logp in resolved:
-            out[rows] = logp.to(out.dtype)
-        return CachedOutput(out, exit_index, tuple(sizes))
+        output = final if self.output.key is None else self.output.assemble(template, remaining, final)
+        verified = answered & (backbone_pred != BACKBONE_EXIT)
+        return CachedOutput(final, exit_index, tuple(sizes), output, confidence, backbone_pred, verified)
 
 
 class RecordingModel(nn.Module):
