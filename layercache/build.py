@@ -10,22 +10,25 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from layercache.calibration import budget_thresholds, confidences, fit_temperature, poisson_upper_bound
+from layercache.certify import Certificate, clopper_pearson_upper, fixed_sequence, requests_needed
 from layercache.config import CacheSpec, ExitSpec
 from layercache.errors import ConfigError, LogError
 from layercache.graph import Candidate, describe_nodes, find_candidates, split
-from layercache.heads import HeadSpec, build_head, head_flops, prepool, prepool_size, search_space
+from layercache.heads import HeadSpec, build_head, head_flops, prepool, prepool_size_for, search_space
+from layercache.outputs import OutputSpec, detect
 from layercache.runtime import weights_fingerprint
 from layercache.selection import (
     HeadEval,
@@ -37,12 +40,17 @@ from layercache.selection import (
 )
 from layercache.timing import median_seconds
 from layercache.trafficlog import decode_inputs, decode_probs
-from layercache.training import TrainConfig, predict_logits, train_head
+from layercache.training import TrainConfig, Trainer, predict_logits
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 COSTS = ("flops", "latency")
+#: How thresholds and subset are vouched for: one certified promise for the whole cache, or a bound per head.
+RULES = ("certified", "per-head")
+# Candidate cascades of the certified rule: thresholds chosen on the validation split for these multiples of the
+# tolerance as a target disagreement there, most conservative first (fixed-sequence order).
+CERTIFY_LEVELS = tuple(float(v) for v in np.geomspace(0.02, 4.0, 48))
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,14 @@ class BuildConfig:
     """Settings of one build (the CLI flags of ``tools/build_cache.py``).
 
     Attributes:
-        tolerance: accepted drop in accuracy (fraction, 0.01 = one point), split over the heads as tolerance/2^n.
+        tolerance: accepted drop in agreement with the backbone (fraction, 0.01 = one point).
+        rule: ``certified`` (default): thresholds and subset are chosen on the validation split, then the cascade's
+            disagreement is certified on the test split (Clopper-Pearson at ``delta``, fixed-sequence testing over
+            candidate cascades, :mod:`layercache.certify`); the cache agrees with the backbone on at least
+            ``1 - tolerance`` of traffic like the logged one with probability at least ``1 - delta``.
+            ``per-head``: each head's threshold keeps the Poisson bound of its wrong answers within tolerance/2^n
+            of the validation rows (``margin_z``); no cache-wide promise (kept for comparison).
+        delta: the certified promise's error probability.
         splits: train / validation / test fractions of the logged rows (paper: 50/20/30).
         seed: seed of the split, head initialisation and shuffling.
         max_spatial: activations are average-pooled to at most this size before heads see them.
@@ -67,9 +82,13 @@ class BuildConfig:
             the drop measured on a finite validation split also holds on unseen traffic (0: Eq. 3 as is).
         max_head_fraction: heads costing more than this fraction of the FLOPs after their layer are not tried.
         max_head_flops: nor heads above this many FLOPs per sample (bounds training time on a CPU).
+        workers: candidate layers whose heads train at the same time (threads, each with ``train.num_threads``
+            torch threads); the result does not depend on it.
     """
 
     tolerance: float = 0.01
+    rule: str = "certified"
+    delta: float = 0.05
     splits: tuple[float, float, float] = (0.5, 0.2, 0.3)
     seed: int = 0
     max_spatial: int = 8
@@ -84,6 +103,7 @@ class BuildConfig:
     margin_z: float = 1.28
     max_head_fraction: float = 0.02
     max_head_flops: int = 1_000_000
+    workers: int = 2
 
     def __post_init__(self) -> None:
         if not 0 < self.tolerance < 1:
@@ -92,8 +112,14 @@ class BuildConfig:
             raise ConfigError(f"splits={self.splits} must be three positive fractions summing to 1")
         if self.cost not in COSTS:
             raise ConfigError(f"cost={self.cost!r} must be one of {COSTS}")
+        if self.rule not in RULES:
+            raise ConfigError(f"rule={self.rule!r} must be one of {RULES}")
+        if not 0 < self.delta < 0.5:
+            raise ConfigError(f"delta={self.delta} must be in (0, 0.5), e.g. 0.05")
         if self.trials < 1:
             raise ConfigError(f"trials={self.trials} must be >= 1")
+        if self.workers < 1:
+            raise ConfigError(f"workers={self.workers} must be >= 1")
 
 
 @dataclass
@@ -171,31 +197,39 @@ def replay(
     max_spatial: int,
     batch_size: int,
     progress: Progress = _no_progress,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    output: OutputSpec | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, OutputSpec]:
     """Run logged inputs through the backbone split at ``nodes``.
 
     Returns:
-        ``acts[node]``: float16 activations pre-pooled to at most ``max_spatial`` (see :func:`prepool_size`),
-        and the backbone's logits ``(N, K)`` in float32.
+        ``acts[node]``: float16 activations pre-pooled to at most ``max_spatial`` with :func:`prepool_size_for`
+        (the function the heads' search space and pools are sized by, so a head sees in training exactly what it
+        computes at serving time), the backbone's class scores ``(N, K)`` in float32, and where they are in its
+        output (detected on the first batch unless ``output`` is given).
     """
     segments = split(backbone, list(nodes))
     n = inputs.shape[0]
     acts: dict[str, torch.Tensor] = {}
-    logits_out: torch.Tensor | None = None
+    scores_out: torch.Tensor | None = None
     for start in progress(range(0, n, batch_size), "replay"):
         h = torch.from_numpy(inputs[start : start + batch_size]).float()
         for i, seg in enumerate(segments):
             h = seg(h)
             if i < len(nodes):
-                p = prepool(h, prepool_size(h.shape[-1], max_spatial)) if h.dim() == 4 else h
+                p = prepool(h, prepool_size_for(tuple(h.shape[1:]), max_spatial)) if h.dim() == 4 else h
                 if nodes[i] not in acts:
                     acts[nodes[i]] = torch.empty((n, *p.shape[1:]), dtype=torch.float16)
                 acts[nodes[i]][start : start + p.shape[0]] = p.half()
-        if logits_out is None:
-            logits_out = torch.empty((n, h.shape[1]), dtype=torch.float32)
-        logits_out[start : start + h.shape[0]] = h.float()
-    assert logits_out is not None
-    return acts, logits_out
+        if output is None:
+            output = detect(h)
+            logger.info("backbone output: class scores at %r, %s", output.key, output.kind)
+        scores = output.scores(h)
+        if scores_out is None:
+            scores_out = torch.empty((n, scores.shape[1]), dtype=torch.float32)
+        scores_out[start : start + scores.shape[0]] = scores.float()
+    if scores_out is None or output is None:
+        raise LogError("no logged inputs to replay")
+    return acts, scores_out, output
 
 
 def policy_sample(table: pa.Table, max_rows: int = 256, max_bytes: int = 8 * 2**20, seed: int = 0) -> torch.Tensor:
@@ -268,6 +302,40 @@ def _curve(conf: np.ndarray, correct: np.ndarray, gt_correct: np.ndarray | None)
     return out
 
 
+def halving_rungs(epochs: int, trials: int) -> list[int]:
+    """Epoch targets of successive halving: every trial trains to the first, the best half of them to the next,
+    ..., the last one to ``epochs`` (e.g. 20 epochs, 4 trials: [5, 10, 20])."""
+    rungs = max(1, math.ceil(math.log2(max(trials, 1))) + 1)
+    return [max(1, math.ceil(epochs / 2 ** (rungs - 1 - k))) for k in range(rungs)]
+
+
+def _score(
+    head: nn.Module, spec: HeadSpec, cand: Candidate, x_va: torch.Tensor, pred_va: np.ndarray, num_classes: int,
+    config: BuildConfig,
+) -> dict[str, Any]:  # fmt: skip
+    """A head's expected FLOPs saved per row if it were first in the cascade (Eq. 4 per row), at the threshold its
+    share of the tolerance (tolerance/2) gives on the validation split."""
+    logits = predict_logits(head, x_va)
+    temp = fit_temperature(logits, torch.from_numpy(pred_va))
+    conf, pred = confidences(logits, temp)
+    correct = pred == pred_va
+    z = 0.0 if config.rule == "certified" else config.margin_z
+    thr = budget_thresholds(conf, correct, config.tolerance, max_position=1, z=z)[0]
+    coverage = float((conf >= thr).mean()) if math.isfinite(thr) else 0.0
+    flops = head_flops(spec, cand.shape, num_classes)
+    return {
+        "score": coverage * cand.flops_remaining - flops,
+        "coverage": coverage,
+        "val_agreement": float(correct.mean()),
+        "head_flops": flops,
+        "temperature": temp,
+    }
+
+
+# Head initialisation draws from torch's global RNG: serialise it so that parallel candidates stay deterministic.
+_INIT_LOCK = threading.Lock()
+
+
 def search_candidate(
     cand: Candidate,
     x: torch.Tensor,
@@ -277,7 +345,13 @@ def search_candidate(
     num_classes: int,
     config: BuildConfig,
 ) -> CandidateResult:
-    """Search, train, calibrate and score heads at one candidate layer (sections 4.2-4.3)."""
+    """Search, train, calibrate and score heads at one candidate layer (sections 4.2-4.3).
+
+    ``config.trials`` architectures spread over the affordable search space train by successive halving
+    (:func:`halving_rungs`): all of them for a few epochs, then the better half (by :func:`_score`) further, and so
+    on; the survivor trains to ``config.train.epochs`` (early stopping on validation KL) and is kept if it beats
+    always answering the most frequent class.
+    """
     tr, va, _ = idx
     res = CandidateResult(candidate=cand)
     space = affordable_space(cand, num_classes, config)
@@ -285,53 +359,55 @@ def search_candidate(
     p_tr, p_va = targets[tr], targets[va]
     pred_va = backbone_pred[va].numpy()
     chance = max(1.0 / num_classes, float(np.bincount(pred_va, minlength=num_classes).max() / len(pred_va)))
-    best_score = -math.inf
-    for spec in pick_trials(space, config.trials):
-        torch.manual_seed(config.seed)
-        head = build_head(spec, cand.shape, num_classes)
-        t0 = time.perf_counter()
-        result = train_head(head, x_tr, p_tr, x_va, p_va, config.train)
-        logits = predict_logits(head, x_va)
-        temp = fit_temperature(logits, torch.from_numpy(pred_va))
-        conf, pred = confidences(logits, temp)
-        correct = pred == pred_va
-        thr = budget_thresholds(conf, correct, config.tolerance, max_position=1, z=config.margin_z)[0]
-        coverage = float((conf >= thr).mean()) if math.isfinite(thr) else 0.0
-        flops = head_flops(spec, cand.shape, num_classes)
-        # Expected FLOPs saved per row if this head were first in the cascade (accuracy vs cost, Eq. 4 per row).
-        score = coverage * cand.flops_remaining - flops
-        agreement = float(correct.mean())
-        res.trials.append(
-            {
-                "head": spec.id(),
-                "val_agreement": agreement,
-                "coverage": coverage,
-                "head_flops": flops,
-                "score": score,
-                "epochs": result.epochs_run,
-                "seconds": round(time.perf_counter() - t0, 2),
-            }
-        )
-        logger.info(
-            "%s %s: agreement %.3f, coverage %.3f, %.2f MFLOPs, %d epochs, %.1f s",
-            cand.node,
-            spec.id(),
-            agreement,
-            coverage,
-            flops / 1e6,
-            result.epochs_run,
-            time.perf_counter() - t0,
-        )
-        if agreement <= chance + 0.01:
-            continue
-        if score > best_score:
-            best_score = score
-            res.spec, res.head, res.temperature = spec, head, temp
-            res.val_agreement, res.head_flops = agreement, flops
-            res.head_params = sum(p.numel() for p in head.parameters())
-    if res.head is None:
+    specs = pick_trials(space, config.trials)
+    t0 = time.perf_counter()
+    with _INIT_LOCK:
+        trainers = []
+        for spec in specs:
+            torch.manual_seed(config.seed)
+            trainers.append(Trainer(build_head(spec, cand.shape, num_classes), x_tr, p_tr, x_va, p_va, config.train))
+    alive = list(range(len(specs)))
+    rungs = halving_rungs(config.train.epochs, len(specs))
+    for r, until in enumerate(rungs):
+        for i in alive:
+            trainers[i].run(until)
+        if r == len(rungs) - 1:
+            break
+        scored = {i: _score(trainers[i].head, specs[i], cand, x_va, pred_va, num_classes, config) for i in alive}
+        ranked = sorted(alive, key=lambda i: (-scored[i]["score"], i))  # ties: the cheaper spec
+        survivors = ranked[: max(1, math.ceil(len(alive) / 2))]
+        for i in alive:
+            if i not in survivors:
+                res.trials.append({"head": specs[i].id(), **_trial(scored[i]), "epochs": trainers[i].epochs_run})
+        alive = survivors
+    (best,) = alive if len(alive) == 1 else alive[:1]
+    trainers[best].finish()
+    head, spec = trainers[best].head, specs[best]
+    final = _score(head, spec, cand, x_va, pred_va, num_classes, config)
+    res.trials.append({"head": spec.id(), **_trial(final), "epochs": trainers[best].epochs_run, "selected": True})
+    logger.info(
+        "%s %s: agreement %.3f, coverage %.3f, %.2f MFLOPs, %d epochs, %d trials by halving (%s), %.1f s",
+        cand.node,
+        spec.id(),
+        final["val_agreement"],
+        final["coverage"],
+        final["head_flops"] / 1e6,
+        trainers[best].epochs_run,
+        len(specs),
+        "/".join(map(str, rungs)),
+        time.perf_counter() - t0,
+    )
+    if final["val_agreement"] <= chance + 0.01:
         res.discarded = f"no head beat chance ({chance:.3f}) on the validation split"
+        return res
+    res.spec, res.head, res.temperature = spec, head, final["temperature"]
+    res.val_agreement, res.head_flops = final["val_agreement"], final["head_flops"]
+    res.head_params = sum(p.numel() for p in head.parameters())
     return res
+
+
+def _trial(scored: dict[str, Any]) -> dict[str, Any]:
+    return {k: scored[k] for k in ("val_agreement", "coverage", "head_flops", "score")}
 
 
 @dataclass
@@ -352,6 +428,7 @@ class SearchState:
     latency: tuple[dict[str, float], dict[str, float]] | None
     backbone_bytes: int
     seconds: float
+    output: OutputSpec = field(default_factory=OutputSpec)
 
     @property
     def kept(self) -> list[CandidateResult]:
@@ -390,10 +467,10 @@ def search(
         )
     nodes = [c.node for c in cands]
     logger.info("candidate layers: %s", ", ".join(nodes) or "(none)")
-    acts, logits = replay(
+    acts, logits, output = replay(
         backbone, inputs, nodes, max_spatial=config.max_spatial, batch_size=config.replay_batch, progress=progress
     )
-    targets = F.softmax(logits, dim=1)
+    targets = output.probs(logits)
     backbone_pred = logits.argmax(dim=1)
     fingerprint = weights_fingerprint(backbone)
     labels = None
@@ -401,14 +478,24 @@ def search(
         labels = labels_to_index(table.column("label").to_pylist(), index_to_name)
     idx = split_indices(n, config.splits, config.seed)
     _, va, te = idx
-    results: list[CandidateResult] = []
-    for cand in progress(cands, "heads"):
+
+    def one(cand: Candidate) -> CandidateResult:
         res = search_candidate(cand, acts[cand.node], targets, backbone_pred, idx, int(logits.shape[1]), config)
         if res.head is not None:
             for name, rows in (("val", va), ("test", te)):
                 res.scores[name] = confidences(predict_logits(res.head, acts[cand.node][rows].float()), res.temperature)
-        results.append(res)
         del acts[cand.node]  # free as we go: peak memory is the replayed activations, not the training
+        return res
+
+    # Small heads train fastest on one thread each; candidates train side by side on the other cores.
+    threads = torch.get_num_threads()
+    if config.train.num_threads is not None:
+        torch.set_num_threads(config.train.num_threads)
+    try:
+        with ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="layercache-heads") as pool:
+            results: list[CandidateResult] = list(progress(pool.map(one, cands), "heads"))
+    finally:
+        torch.set_num_threads(threads)
     kept = [r for r in results if r.head is not None]
     latency = None
     if config.cost == "latency" and kept:
@@ -431,13 +518,14 @@ def search(
         latency=latency,
         backbone_bytes=sum(t.numel() * t.element_size() for t in backbone.state_dict().values()),
         seconds=time.perf_counter() - t_start,
+        output=output,
     )
 
 
 def min_tolerance(n_val: int, margin_z: float) -> float:
-    """Smallest tolerance at which a head can answer at all: the first cascade position's budget (tolerance/2) must
-    cover the upper bound of zero wrong hits on ``n_val`` validation rows (2.30 rows at z = 1.28). 0 without margin.
-    """
+    """Per-head rule: smallest tolerance at which a head can answer at all: the first cascade position's budget
+    (tolerance/2) must cover the upper bound of zero wrong hits on ``n_val`` validation rows (2.30 rows at
+    z = 1.28). 0 without margin."""
     if margin_z <= 0:
         return 0.0
     if n_val < 1:
@@ -445,24 +533,111 @@ def min_tolerance(n_val: int, margin_z: float) -> float:
     return 2.0 * float(poisson_upper_bound(np.zeros(1), margin_z)[0]) / n_val
 
 
-def finalize(state: SearchState, tolerance: float | None = None) -> BuildResult:
-    """Thresholds for ``tolerance`` (default: the config's), subset selection (4.4), spec and report."""
-    config = state.config if tolerance is None else replace(state.config, tolerance=tolerance)
-    _, va, te = state.idx
-    kept = state.kept
+def certified_floor(n_certify: int, delta: float) -> float:
+    """Certified rule: smallest tolerance any cascade can be certified at on ``n_certify`` rows (zero
+    disagreements: the Clopper-Pearson bound ``1 - delta**(1/n)``, about ``3 / n`` at delta = 0.05)."""
+    return clopper_pearson_upper(0, n_certify, delta) if n_certify else 1.0
+
+
+def _costs(state: SearchState, r: CandidateResult) -> tuple[float, float]:
+    if state.latency is not None:
+        return state.latency[1][r.candidate.node], state.latency[0][r.candidate.node]
+    return float(r.head_flops), float(r.candidate.flops_remaining)
+
+
+def _evals(state: SearchState, kept: list[CandidateResult], budget: float, z: float) -> tuple[list, list]:
+    """Validation and test HeadEvals of every kept head, with the thresholds ``budget`` gives on validation."""
+    _, va, _ = state.idx
+    val, test = [], []
     for r in kept:
-        assert r.head is not None and r.spec is not None
         conf_va, hp_va = r.scores["val"]
         conf_te, hp_te = r.scores["test"]
-        thresholds = budget_thresholds(conf_va, hp_va == state.backbone_pred[va], config.tolerance, z=config.margin_z)
-        if state.latency is not None:
-            c1, c2 = state.latency[1][r.candidate.node], state.latency[0][r.candidate.node]
-        else:
-            c1, c2 = float(r.head_flops), float(r.candidate.flops_remaining)
-        r.val_eval = HeadEval(r.candidate.node, conf_va, hp_va, thresholds, c1, c2)
-        r.test_eval = HeadEval(r.candidate.node, conf_te, hp_te, thresholds, c1, c2)
-        gt_te = None if state.labels is None else hp_te == state.labels[te]
-        r.test_curve = _curve(conf_te, hp_te == state.backbone_pred[te], gt_te)
+        thresholds = budget_thresholds(conf_va, hp_va == state.backbone_pred[va], budget, z=z)
+        c1, c2 = _costs(state, r)
+        val.append(HeadEval(r.candidate.node, conf_va, hp_va, thresholds, c1, c2))
+        test.append(HeadEval(r.candidate.node, conf_te, hp_te, thresholds, c1, c2))
+    return val, test
+
+
+def _disagreements(test: list[HeadEval], selection: Selection, backbone_pred: np.ndarray) -> int:
+    if not selection.subset:
+        return 0
+    result = evaluate_cascade(test, selection, backbone_pred)
+    return int(np.count_nonzero(result.final_pred != backbone_pred))
+
+
+def _shrunk(heads: list[HeadEval], share: float) -> list[HeadEval]:
+    """The heads with thresholds raised so that each answers about ``share`` of the validation rows it answers
+    now (a quantile of its own confidences): a more conservative cascade of the same heads."""
+    out = []
+    for h in heads:
+        conf = np.asarray(h.conf, dtype=np.float64)
+        raised = []
+        for t in np.asarray(h.thresholds, dtype=np.float64):
+            covered = float((conf >= t).mean()) if math.isfinite(t) else 0.0
+            q = float(np.quantile(conf, 1.0 - share * covered)) if covered > 0 else math.inf
+            raised.append(max(t, q) if covered > 0 else t)
+        out.append(replace(h, thresholds=np.asarray(raised)))
+    return out
+
+
+def _certified(
+    state: SearchState, config: BuildConfig, kept: list[CandidateResult]
+) -> tuple[list, list, Selection, Certificate]:
+    """Candidate cascades from the validation split, most conservative first; fixed-sequence testing on the test
+    split picks the last one certified (see :mod:`layercache.certify`).
+
+    The sequence: the first cascade the budget rule gives (thresholds at :data:`CERTIFY_LEVELS` x tolerance on
+    validation, subset by K(S)) with its thresholds raised to answer 10%, 20%, ... of what it answers, then that
+    cascade, then the budget rule's cascades at growing levels. Everything about the order is fixed from the
+    validation split alone.
+    """
+    _, _, te = state.idx
+    pred_te = state.backbone_pred[te]
+    n = len(te)
+    candidates: list[tuple[list, list, Selection, int]] = []
+
+    def add(val: list[HeadEval], test: list[HeadEval], selection: Selection) -> None:
+        if selection.subset and not (candidates and candidates[-1][2] == selection):
+            candidates.append((val, test, selection, _disagreements(test, selection, pred_te)))
+
+    for level in CERTIFY_LEVELS:
+        val, test = _evals(state, kept, config.tolerance * level, 0.0)
+        selection = best_subset(val)
+        if selection.subset and not candidates:
+            for share in np.linspace(0.1, 0.9, 9):
+                sval = _shrunk(val, float(share))
+                stest = [replace(t, thresholds=v.thresholds) for t, v in zip(test, sval, strict=True)]
+                chosen = [sval[i] for i in selection.subset]
+                sub = Selection(selection.subset, 0.0, tuple(float(h.thresholds[p]) for p, h in enumerate(chosen)))
+                add(sval, stest, sub)
+        add(val, test, selection)
+    chosen, tested = fixed_sequence([c[3] for c in candidates], n, config.tolerance, config.delta)
+    if chosen is None:
+        val, test = candidates[0][:2] if candidates else _evals(state, kept, config.tolerance, 0.0)
+        first = candidates[0][3] / n if candidates and n else None
+        needed = None if first is None else requests_needed(first, config.tolerance, config.delta, config.splits[2])
+        worst = candidates[0][3] if candidates else 0
+        cert = Certificate(
+            "certified", config.tolerance, config.delta, n, worst, worst / n if n else 0.0,
+            clopper_pearson_upper(worst, n, config.delta) if n else 1.0, False, tested, needed,
+        )  # fmt: skip
+        return val, test, Selection((), 0.0, ()), cert
+    val, test, selection, k = candidates[chosen]
+    cert = Certificate(
+        "certified", config.tolerance, config.delta, n, k, k / n, clopper_pearson_upper(k, n, config.delta), True,
+        tested,
+    )  # fmt: skip
+    return val, test, selection, cert
+
+
+def _per_head(
+    state: SearchState, config: BuildConfig, kept: list[CandidateResult]
+) -> tuple[list, list, Selection, Certificate]:
+    """The per-head rule (each head within tolerance/2^n by its Poisson bound on validation); the certificate only
+    reports what the test split shows, it promises nothing cache-wide."""
+    _, va, te = state.idx
+    val, test = _evals(state, kept, config.tolerance, config.margin_z)
     floor = min_tolerance(len(va), config.margin_z)
     if kept and config.tolerance < floor:
         logger.warning(
@@ -474,8 +649,59 @@ def finalize(state: SearchState, tolerance: float | None = None) -> BuildResult:
             floor,
             floor,
         )
-    selection = best_subset([r.val_eval for r in kept]) if kept else Selection((), 0.0, ())
+    selection = best_subset(val) if kept else Selection((), 0.0, ())
+    n, k = len(te), _disagreements(test, selection, state.backbone_pred[te])
+    ub = clopper_pearson_upper(k, n, config.delta) if n else 1.0
+    return val, test, selection, Certificate("per-head", config.tolerance, config.delta, n, k, k / n if n else 0.0,
+                                             ub, ub <= config.tolerance)  # fmt: skip
+
+
+def _exit_bounds(test: list[HeadEval], selection: Selection, backbone_pred: np.ndarray, delta: float) -> list[dict]:
+    """Per chosen exit, its hits and disagreements on the test split and the bound the online guard holds it to."""
+    if not selection.subset:
+        return []
+    result = evaluate_cascade(test, selection, backbone_pred)
+    out = []
+    for st in result.exits:
+        wrong = int(round(st.hits * (1.0 - st.cache_accuracy))) if st.hits else 0
+        out.append({"rows": len(backbone_pred), "hits": st.hits, "wrong": wrong,
+                    "bound": clopper_pearson_upper(wrong, st.hits, delta) if st.hits else 1.0})  # fmt: skip
+    return out
+
+
+def finalize(
+    state: SearchState, tolerance: float | None = None, *, rule: str | None = None, delta: float | None = None
+) -> BuildResult:
+    """Thresholds and subset for ``tolerance`` under ``rule`` (defaults: the config's), the spec and the report.
+
+    Cheap next to :func:`search`: one search serves many tolerances and both rules (tools/bench.py).
+    """
+    changes = {k: v for k, v in (("tolerance", tolerance), ("rule", rule), ("delta", delta)) if v is not None}
+    config = replace(state.config, **changes) if changes else state.config
+    _, _, te = state.idx
+    kept = state.kept
+    choose = _certified if config.rule == "certified" else _per_head
+    val, test, selection, certificate = choose(state, config, kept)
+    if config.rule == "certified" and kept and not certificate.passed:
+        needed = certificate.requests_needed
+        logger.warning(
+            "no cascade could be certified at tolerance %g with %d certification rows (delta %g): the cache keeps "
+            "the plain model. %s",
+            config.tolerance,
+            certificate.rows,
+            config.delta,
+            f"About {needed} logged requests would certify the most conservative cascade at its observed "
+            "disagreement; record more traffic or raise --tolerance"
+            if needed
+            else "Even the most conservative cascade disagrees too often: raise --tolerance",
+        )
+    for r, v, t in zip(kept, val, test, strict=True):
+        r.val_eval, r.test_eval = v, t
+        conf_te, hp_te = r.scores["test"]
+        gt_te = None if state.labels is None else hp_te == state.labels[te]
+        r.test_curve = _curve(conf_te, hp_te == state.backbone_pred[te], gt_te)
     chosen = [kept[i] for i in selection.subset]
+    bounds = _exit_bounds(test, selection, state.backbone_pred[te], config.delta)
     exits = tuple(
         ExitSpec(
             node=r.candidate.node,
@@ -483,8 +709,9 @@ def finalize(state: SearchState, tolerance: float | None = None) -> BuildResult:
             in_shape=r.candidate.shape,
             temperature=r.temperature,
             threshold=float(t),
+            certified=b,
         )
-        for r, t in zip(chosen, selection.thresholds, strict=True)
+        for r, t, b in zip(chosen, selection.thresholds, bounds, strict=True)
     )
     spec = CacheSpec(
         num_classes=state.num_classes,
@@ -493,8 +720,11 @@ def finalize(state: SearchState, tolerance: float | None = None) -> BuildResult:
         weights_fingerprint=state.fingerprint,
         candidates=tuple(state.nodes),
         tolerance=config.tolerance,
+        output=state.output.to_dict(),
+        certificate=certificate.to_dict(),
     )
     report = _report(config, state, kept, selection)
+    report["promise"] = certificate.to_dict()
     report["build_seconds"] = round(state.seconds, 1)
     return BuildResult(
         spec=spec, heads=[r.head for r in chosen], candidates=state.results, selection=selection, report=report
@@ -599,7 +829,9 @@ def _report(
         "achieved_over_oracle_selected": mean_cached / oracle_selected if oracle_selected else None,
         "hindsight_flops_selected": hindsight,
         "hindsight_over_oracle_selected": hindsight / oracle_selected if oracle_selected else None,
-        "min_tolerance": min_tolerance(len(idx[1]), config.margin_z),
+        "min_tolerance": certified_floor(len(te), config.delta)
+        if config.rule == "certified"
+        else min_tolerance(len(idx[1]), config.margin_z),
         "agreement": cascade.agreement if cascade is not None else 1.0,
         "gt_accuracy_original": cascade.gt_accuracy_backbone if cascade is not None else None,
         "gt_accuracy_cached": cascade.gt_accuracy_cached if cascade is not None else None,

@@ -153,6 +153,9 @@ class ExitSpec:
     in_shape: tuple[int, ...]
     temperature: float
     threshold: float
+    #: What the build certified for this exit on rows it never saw (hits, disagreements among them, and the
+    #: Clopper-Pearson bound the online guard holds the head to); empty for caches built before 0.2.
+    certified: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "in_shape", tuple(int(s) for s in self.in_shape))
@@ -173,6 +176,11 @@ class CacheSpec:
     format_version: int = 1
     shrink: bool = True
     policy: dict[str, str] = field(default_factory=dict)
+    output: dict[str, Any] = field(default_factory=lambda: {"key": None, "kind": "logits"})
+    #: The build's promise (:class:`layercache.certify.Certificate` as a dict).
+    certificate: dict[str, Any] = field(default_factory=dict)
+    #: What the build used: logged rows, their time range, log dir, build time (for ``build_cache.py --check``).
+    provenance: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -5,7 +5,7 @@ frozen backbone and predicts the backbone's output distribution (paper section 4
 architecture is a :class:`HeadSpec`: an optional adaptive average pool, up to two convolutions,
 a global average pool, and up to two linear layers (one optional hidden layer plus the output).
 
-Heads are trained on *pre-pooled* activations (:func:`prepool` to :func:`prepool_size`) so the
+Heads are trained on *pre-pooled* activations (:func:`prepool` to :func:`prepool_size_for`) so the
 build keeps small tensors in memory, and run at serving time on the *native* activation. Both
 give the same logits because every 4D head starts with ``AdaptiveAvgPool2d(spec.pool)`` and
 ``spec.pool`` divides the pre-pool size: adaptive average pooling composes exactly when the

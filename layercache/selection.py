@@ -224,7 +224,7 @@ def best_subset(heads: Sequence[HeadEval], max_exact: int = 12) -> Selection:
         key=lambda sc: (len(sc[1]), sc[1]),
     )
     thresholds = tuple(float(heads[i].thresholds[pos]) for pos, i in enumerate(subset))
-    logger.info(
+    logger.debug(
         "best subset %s: K = %.6g over %d rows",
         [heads[i].node for i in subset],
         score,

@@ -24,7 +24,7 @@ from layercache.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainResult", "predict_logits", "train_head"]
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "predict_logits", "train_head"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,91 @@ def _val_metrics(head: nn.Module, x: Tensor, p: Tensor) -> tuple[float, float]:
     return kl, agreement
 
 
+class Trainer:
+    """KL distillation of one head that can be run a few epochs at a time (successive halving stops the weak ones
+    early), with the same result as one :func:`train_head` call for the same total epochs.
+
+    Binds the head, the data and the settings; :meth:`run` trains up to a number of epochs (early stopping on
+    validation KL with ``config.patience``), :meth:`finish` restores the best weights. The cosine schedule spans
+    ``config.epochs`` however the epochs are split into runs.
+    """
+
+    def __init__(
+        self, head: nn.Module, x_train: Tensor, p_train: Tensor, x_val: Tensor, p_val: Tensor, config: TrainConfig
+    ) -> None:
+        _validate(x_train, p_train, "training")
+        _validate(x_val, p_val, "validation")
+        device = _device(head)
+        self.head, self.config = head, config
+        self.x_train, self.p_train = x_train.to(device).float(), p_train.to(device).float()
+        self.x_val, self.p_val = x_val.to(device).float(), p_val.to(device).float()
+        if config.reinit:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                _reinit(head)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs)
+        n = self.x_train.shape[0]
+        # A last batch of one row would break BatchNorm in train mode; fold it into the previous one.
+        self.starts = list(range(0, n, config.batch_size))
+        if len(self.starts) > 1 and n - self.starts[-1] < 2:
+            self.starts.pop()
+        self.best_kl, self.best_agreement = math.inf, 0.0
+        self.best_state: dict[str, Tensor] | None = None
+        self.stale = 0
+        self.epochs_run = 0
+        self.stopped = False
+
+    def run(self, until: int) -> None:
+        """Train until ``until`` epochs in all (at most ``config.epochs``), or until early stopping."""
+        head, config = self.head, self.config
+        n = self.x_train.shape[0]
+        while not self.stopped and self.epochs_run < min(until, config.epochs):
+            head.train()
+            order = torch.randperm(n, generator=self.generator).to(self.x_train.device)
+            # One gather per epoch, then contiguous slices: cheaper than a fancy-index gather per step.
+            xs, ps = self.x_train[order], self.p_train[order]
+            for i, start in enumerate(self.starts):
+                stop = self.starts[i + 1] if i + 1 < len(self.starts) else n
+                logits = head(xs[start:stop])
+                loss = F.kl_div(F.log_softmax(logits, 1), ps[start:stop], reduction="batchmean")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+            self.scheduler.step()
+            self.epochs_run += 1
+            val_kl, val_agreement = _val_metrics(head, self.x_val, self.p_val)
+            logger.debug("epoch %d: val KL %.5f, agreement %.4f", self.epochs_run, val_kl, val_agreement)
+            if val_kl < self.best_kl or self.best_state is None:
+                self.best_kl, self.best_agreement, self.stale = val_kl, val_agreement, 0
+                self.best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+            else:
+                self.stale += 1
+                self.stopped = self.stale >= config.patience
+        head.eval()
+
+    def finish(self) -> TrainResult:
+        """Restore the best (lowest validation KL) weights, leave the head in eval mode, and say how it went."""
+        if self.best_state is None:
+            self.run(1)
+        assert self.best_state is not None  # at least one epoch has run
+        self.head.load_state_dict(self.best_state)
+        self.head.eval()
+        logger.info(
+            "trained head: %d epochs, val KL %.4f, val agreement %.4f",
+            self.epochs_run,
+            self.best_kl,
+            self.best_agreement,
+        )
+        return TrainResult(
+            state_dict={k: v.clone() for k, v in self.best_state.items()},
+            val_kl=float(self.best_kl),
+            val_agreement=float(self.best_agreement),
+            epochs_run=self.epochs_run,
+        )
+
+
 def train_head(
     head: nn.Module,
     x_train: Tensor,
@@ -165,80 +250,12 @@ def train_head(
     Raises:
         ConfigError: on empty splits or mismatched shapes.
     """
-    _validate(x_train, p_train, "training")
-    _validate(x_val, p_val, "validation")
-    device = _device(head)
-    x_train, p_train = x_train.to(device).float(), p_train.to(device).float()
-    x_val, p_val = x_val.to(device).float(), p_val.to(device).float()
-
     threads = torch.get_num_threads()
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     try:
-        return _fit(head, x_train, p_train, x_val, p_val, config)
+        trainer = Trainer(head, x_train, p_train, x_val, p_val, config)
+        trainer.run(config.epochs)
+        return trainer.finish()
     finally:
         torch.set_num_threads(threads)
-
-
-def _fit(
-    head: nn.Module,
-    x_train: Tensor,
-    p_train: Tensor,
-    x_val: Tensor,
-    p_val: Tensor,
-    config: TrainConfig,
-) -> TrainResult:
-    if config.reinit:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            _reinit(head)
-    generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-
-    n = x_train.shape[0]
-    # A last batch of one row would break BatchNorm in train mode; fold it into the previous one.
-    starts = list(range(0, n, config.batch_size))
-    if len(starts) > 1 and n - starts[-1] < 2:
-        starts.pop()
-    best_kl, best_agreement, best_state = math.inf, 0.0, None
-    stale = 0
-    epochs_run = 0
-    for epoch in range(config.epochs):
-        head.train()
-        order = torch.randperm(n, generator=generator).to(x_train.device)
-        # One gather per epoch, then contiguous slices: cheaper than a fancy-index gather per step.
-        xs, ps = x_train[order], p_train[order]
-        for i, start in enumerate(starts):
-            stop = starts[i + 1] if i + 1 < len(starts) else n
-            logits = head(xs[start:stop])
-            loss = F.kl_div(F.log_softmax(logits, 1), ps[start:stop], reduction="batchmean")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
-        epochs_run = epoch + 1
-        val_kl, val_agreement = _val_metrics(head, x_val, p_val)
-        logger.debug("epoch %d: val KL %.5f, agreement %.4f", epochs_run, val_kl, val_agreement)
-        if val_kl < best_kl or best_state is None:
-            best_kl, best_agreement, stale = val_kl, val_agreement, 0
-            best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
-    assert best_state is not None  # at least one epoch always runs
-    head.load_state_dict(best_state)
-    head.eval()
-    logger.info(
-        "trained head: %d epochs, val KL %.4f, val agreement %.4f",
-        epochs_run,
-        best_kl,
-        best_agreement,
-    )
-    return TrainResult(
-        state_dict={k: v.clone() for k, v in best_state.items()},
-        val_kl=float(best_kl),
-        val_agreement=float(best_agreement),
-        epochs_run=epochs_run,
-    )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
 
-from layercache.build import BuildConfig
+from layercache.build import RULES, BuildConfig
 from layercache.cli import run_command, setup_logging
 from layercache.config import POLICY_SOURCES
 from layercache.errors import ConfigError
@@ -48,16 +48,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance",
         type=float,
         default=0.01,
-        help="accepted accuracy drop, 0.01 = 1 point (default: 0.01); it must be at least about 4.6 / (validation "
-        "rows, 20%% of the logged requests) for any head to answer: 0.0033 for 7,000 requests",
+        help="accepted drop in agreement with the original model, 0.01 = 1 point (default: 0.01); the build "
+        "certifies it on 30%% of the logged requests, which needs at least 3 / that many rows even with no "
+        "disagreement: 0.0014 for 7,000 requests (the report says how many requests a failed certification needs)",
+    )
+    p.add_argument(
+        "--delta",
+        type=float,
+        default=0.05,
+        help="the promise's error probability: with probability >= 1 - delta the cache agrees with the backbone "
+        "on >= 1 - tolerance of traffic like the logged one (exact binomial bound on rows the cascade never saw; "
+        "default: 0.05)",
+    )
+    p.add_argument(
+        "--rule",
+        choices=RULES,
+        default="certified",
+        help="certified: one promise for the whole cache (--tolerance, --delta); per-head: each head's threshold "
+        "keeps a Poisson bound of its wrong answers within tolerance/2^n, no cache-wide promise (for comparison; "
+        "default: certified)",
     )
     p.add_argument(
         "--confidence",
         type=float,
         default=None,
-        help="how sure each head's threshold must be to keep its wrong answers within its share of the tolerance "
-        "(one-sided, exact Poisson bound on the validation split): higher is safer on unseen traffic and saves "
-        "less (default: 0.9, BuildConfig.margin_z = 1.28)",
+        help="with --rule per-head: how sure each head's bound must be (one-sided, exact Poisson bound on the "
+        "validation split; default: 0.9, BuildConfig.margin_z = 1.28)",
     )
     p.add_argument("-o", "--output", type=Path, help="cached archive to write (.mar); required unless --list-layers")
     p.add_argument("--report", type=Path, default=None, help="report dir: report.json, report.md, PNGs (default: none)")
@@ -128,11 +144,17 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> t
         parser.error(f"--tolerance {ns.tolerance} must be in (0, 1), e.g. 0.01")
     if ns.confidence is not None and not 0.5 < ns.confidence < 1:
         parser.error(f"--confidence {ns.confidence} must be in (0.5, 1), e.g. 0.9 or 0.95")
+    if ns.confidence is not None and ns.rule != "per-head":
+        parser.error("--confidence sets the per-head rule's bound; with the certified rule use --delta")
+    if not 0 < ns.delta < 0.5:
+        parser.error(f"--delta {ns.delta} must be in (0, 0.5), e.g. 0.05")
     if ns.list_layers:
         return BuildArgs(None, ns.mar, ns.logs), ns
     try:
         config = BuildConfig(
             tolerance=ns.tolerance,
+            rule=ns.rule,
+            delta=ns.delta,
             seed=ns.seed,
             trials=ns.trials,
             cost=ns.cost,

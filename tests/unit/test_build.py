@@ -29,6 +29,7 @@ from layercache.build import (
     search,
     split_indices,
 )
+from layercache.certify import clopper_pearson_upper
 from layercache.errors import ConfigError, LogError
 from layercache.graph import count_flops
 from layercache.heads import search_space
@@ -253,10 +254,37 @@ def test_a_tolerance_below_what_the_validation_rows_can_vouch_for(
     n_val = len(state.idx[1])
     floor = min_tolerance(n_val, CONFIG.margin_z)
     with caplog.at_level(logging.WARNING, logger="layercache.build"):
-        low = finalize(state, floor * 0.9)
+        low = finalize(state, floor * 0.9, rule="per-head")
     assert low.spec.exits == () and low.report["min_tolerance"] == pytest.approx(floor)
     assert f"below what {n_val} validation rows can vouch for" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="layercache.build"):
-        finalize(state, 0.1)
+        finalize(state, 0.1, rule="per-head")
     assert "vouch for" not in caplog.text
+
+
+def test_the_certified_rule_states_its_promise_and_keeps_it_on_the_test_split(
+    traffic: tuple[pa.Table, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    state = search(make_backbone(), traffic[0], CONFIG)
+    n_test = len(state.idx[2])
+    result = finalize(state, 0.1)
+    promise = result.report["promise"]
+    assert promise["rule"] == "certified" and promise["rows"] == n_test and promise["delta"] == 0.05
+    assert promise["passed"] and promise["upper_bound"] <= 0.1 and result.spec.exits
+    assert result.spec.certificate == promise
+    # The bound is the exact Clopper-Pearson one of what the chosen cascade does on the test split.
+    assert promise["upper_bound"] == pytest.approx(clopper_pearson_upper(promise["disagreements"], n_test, 0.05))
+    assert 1 - result.report["agreement"] == pytest.approx(promise["observed"])
+    # Every exit carries what it was certified for (the online guard's bound).
+    for exit_spec, row in zip(result.spec.exits, result.report["exits"], strict=True):
+        assert exit_spec.certified["hits"] == row["hits"] and 0 < exit_spec.certified["bound"] <= 1
+    # Below what the test rows can ever certify (zero disagreements), the plain model stays, and the build says
+    # how many logged requests would do.
+    floor = result.report["min_tolerance"]
+    assert floor == pytest.approx(1 - 0.05 ** (1 / n_test))
+    with caplog.at_level(logging.WARNING, logger="layercache.build"):
+        low = finalize(state, floor * 0.9)
+    assert low.spec.exits == () and not low.report["promise"]["passed"]
+    assert low.report["promise"]["requests_needed"] > ROWS
+    assert "no cascade could be certified" in caplog.text and "logged requests would certify" in caplog.text

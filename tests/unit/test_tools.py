@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from layercache.archive import CACHED_HANDLER, RECORDING_HANDLER, read_mar
+from layercache.certify import clopper_pearson_upper
 from layercache.config import CACHE_SPEC_FILE, EXIT_HEADER, SAMPLE_FILE, CacheSpec
 from layercache.datasets import load_fashion_mnist, write_image_folder
 from layercache.errors import ConfigError
@@ -386,11 +387,26 @@ def test_build_cache_confidence_sets_the_margin(pipeline: dict[str, Path], tmp_p
     from layercache.build import min_tolerance
 
     argv = ["--mar", str(pipeline["rec"]), "--logs", str(pipeline["logs"]), "--trials", "1", "--epochs", "5"]
-    argv += ["--tolerance", "0.2", "--confidence", "0.99", "-o", str(tmp_path / "c.mar"), "--report", str(tmp_path)]
+    argv += ["--tolerance", "0.2", "--rule", "per-head", "--confidence", "0.99", "-o", str(tmp_path / "c.mar")]
+    argv += ["--report", str(tmp_path)]
     assert tool("tools/build_cache.py")([*argv, "--quiet"]) == 0
     sure = json.loads((tmp_path / "report.json").read_text())
-    default = json.loads((pipeline["report"] / "report.json").read_text())
     n_val = sure["rows"]["val"]
+    assert sure["promise"]["rule"] == "per-head"
     assert sure["min_tolerance"] == pytest.approx(min_tolerance(n_val, NormalDist().inv_cdf(0.99)))
-    assert default["min_tolerance"] == pytest.approx(min_tolerance(n_val, 1.28))
-    assert sure["min_tolerance"] > default["min_tolerance"]
+    assert sure["min_tolerance"] > min_tolerance(n_val, 1.28)
+
+
+def test_build_cache_delta_sets_the_certified_promise(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    """--delta reaches the certificate: the default report states the promise at 0.05, a surer one at 0.01."""
+    default = json.loads((pipeline["report"] / "report.json").read_text())
+    assert default["promise"]["rule"] == "certified" and default["promise"]["delta"] == 0.05
+    argv = ["--mar", str(pipeline["rec"]), "--logs", str(pipeline["logs"]), "--trials", "1", "--epochs", "5"]
+    argv += ["--tolerance", "0.2", "--delta", "0.01", "-o", str(tmp_path / "d.mar"), "--report", str(tmp_path)]
+    assert tool("tools/build_cache.py")([*argv, "--quiet"]) == 0
+    sure = json.loads((tmp_path / "report.json").read_text())
+    n = sure["promise"]["rows"]
+    assert sure["promise"]["delta"] == 0.01 and sure["min_tolerance"] > default["min_tolerance"]
+    assert sure["promise"]["upper_bound"] == pytest.approx(
+        clopper_pearson_upper(sure["promise"]["disagreements"], n, 0.01)
+    )
