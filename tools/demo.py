@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -51,7 +52,7 @@ MAX_SOCKET_DIR = 80
 EPILOG = """examples:
   make demo                                   # installs what is missing, then runs this with the defaults
   python tools/demo.py                        # writes demo-out/, prints the before/after table
-  python tools/demo.py --traffic 2000 --eval 500 --trials 2 --epochs 10    # a quicker, rougher run
+  python tools/demo.py --traffic 3000 --eval 500 --trials 2 --epochs 8     # a quicker, rougher run
   python tools/demo.py --out /tmp/lc-demo --tolerance 0.02 --keep-running  # leave TorchServe up afterwards
 
 --out: the demo cleans and reuses a folder it made itself (it holds a .layercache-demo marker file). Any other
@@ -77,7 +78,7 @@ class DemoArgs:
     tolerance: float
     workers: int
     trials: int | None
-    epochs: int | None
+    epochs: int
     keep_running: bool
     quiet: bool
 
@@ -102,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval",
         type=int,
-        default=2000,
-        help="held-out images sent to both versions: the last N of the test split (default: 2000)",
+        default=1000,
+        help="held-out images sent to both versions: the last N of the test split (default: 1000)",
     )
     p.add_argument("--concurrency", type=int, default=8, help="concurrent client requests (default: 8)")
     p.add_argument(
@@ -119,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="TorchServe workers per version, each with OMP_NUM_THREADS=1 (default: 1)",
     )
     p.add_argument("--trials", type=int, default=None, help="head architectures tried per layer (default: the build's)")
-    p.add_argument("--epochs", type=int, default=None, help="max training epochs per head (default: the build's)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=12,
+        help="max training epochs per head (default: 12, to keep the demo near 3 minutes; the build's own is 20)",
+    )
     p.add_argument(
         "--keep-running",
         action="store_true",
@@ -334,11 +340,13 @@ def build(demo: Demo) -> None:
     from layercache.build import BuildConfig
     from layercache.pipeline import BuildRequest, build_cached_archive
     from layercache.progress import progress
-    from layercache.training import TrainConfig
 
     defaults = BuildConfig()
-    train = defaults.train if demo.args.epochs is None else TrainConfig(epochs=demo.args.epochs, patience=3)
-    config = BuildConfig(tolerance=demo.args.tolerance, trials=demo.args.trials or defaults.trials, train=train)
+    config = BuildConfig(
+        tolerance=demo.args.tolerance,
+        trials=demo.args.trials or defaults.trials,
+        train=dataclasses.replace(defaults.train, epochs=demo.args.epochs),
+    )
     request = BuildRequest(
         mar=demo.mar("rec"),
         logs=demo.out / "logs",

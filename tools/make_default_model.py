@@ -49,7 +49,7 @@ class MakeArgs:
 
 def _inputs(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, 28, 28) -> normalised (N, 1, 28, 28), what examples/fashion_cnn/fashion_handler.py serves."""
-    return (torch.from_numpy(images).float().div(255).unsqueeze(1) - MEAN) / STD
+    return (torch.tensor(images, dtype=torch.float32).div(255).unsqueeze(1) - MEAN) / STD
 
 
 def make(args: MakeArgs) -> None:

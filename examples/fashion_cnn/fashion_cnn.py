@@ -1,6 +1,8 @@
-"""The demo's embedded default classifier: a small residual CNN for 28x28 grayscale Fashion-MNIST.
+"""The demo's embedded classifier: a residual CNN for 28x28 grayscale Fashion-MNIST, heavy in its later stages.
 
-TorchServe model file: exactly one class is defined here (imported classes do not count).
+Most of its 234 MFLOPs sit after the first stage (16 channels at 28 px: 7% of the FLOPs, 9% of the time), so
+requests a cache head answers there skip the rest: on two CPU cores that is what makes the cache pay in served
+throughput, not only in FLOPs. TorchServe model file: exactly one class is defined here (imported classes do not count).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ def _stage(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class FashionCNN(nn.Module):
-    """Stem + three residual stages (16, 32, 64 channels at 28, 14, 7 px) + linear classifier; ~45 MFLOPs."""
+    """Stem + three residual stages (16, 96, 192 channels at 28, 14, 7 px) + linear classifier."""
 
-    def __init__(self, widths: tuple[int, int, int] = (16, 32, 64), num_classes: int = 10) -> None:
+    def __init__(self, widths: tuple[int, int, int] = (16, 96, 192), num_classes: int = 10) -> None:
         super().__init__()
         w0, w1, w2 = widths
         self.stem = nn.Sequential(nn.Conv2d(1, w0, 3, 1, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU(inplace=True))
