@@ -27,8 +27,9 @@ from layercache.certify import Certificate, clopper_pearson_upper, fixed_sequenc
 from layercache.config import CacheSpec, ExitSpec
 from layercache.errors import ConfigError, LogError
 from layercache.graph import Candidate, describe_nodes, find_candidates, split
-from layercache.heads import HeadSpec, build_head, head_flops, prepool, prepool_size_for, search_space
-from layercache.outputs import OutputSpec, detect
+from layercache.heads import HeadSpec, build_head, head_flops, search_space
+from layercache.outputs import OutputSpec
+from layercache.replay import LoggedInputs, replay
 from layercache.runtime import weights_fingerprint
 from layercache.selection import (
     HeadEval,
@@ -39,7 +40,6 @@ from layercache.selection import (
     oracle_cost,
 )
 from layercache.timing import median_seconds
-from layercache.trafficlog import decode_inputs, decode_probs
 from layercache.training import TrainConfig, Trainer, predict_logits
 
 logger = logging.getLogger(__name__)
@@ -153,6 +153,8 @@ class BuildResult:
 
 
 Progress = Callable[[Iterable[T], str], Iterable[T]]
+#: The archive's original preprocess: a list of request rows -> a batched input tensor.
+Preprocess = Callable[[list[dict[str, Any]]], torch.Tensor]
 
 
 def _no_progress(it: Iterable[T], desc: str) -> Iterable[T]:
@@ -188,65 +190,21 @@ def labels_to_index(labels: Sequence[str | None], index_to_name: dict[str, str] 
     return out
 
 
-@torch.inference_mode()
-def replay(
-    backbone: nn.Module,
-    inputs: np.ndarray,
-    nodes: Sequence[str],
-    *,
-    max_spatial: int,
-    batch_size: int,
-    progress: Progress = _no_progress,
-    output: OutputSpec | None = None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, OutputSpec]:
-    """Run logged inputs through the backbone split at ``nodes``.
-
-    Returns:
-        ``acts[node]``: float16 activations pre-pooled to at most ``max_spatial`` with :func:`prepool_size_for`
-        (the function the heads' search space and pools are sized by, so a head sees in training exactly what it
-        computes at serving time), the backbone's class scores ``(N, K)`` in float32, and where they are in its
-        output (detected on the first batch unless ``output`` is given).
-    """
-    segments = split(backbone, list(nodes))
-    n = inputs.shape[0]
-    acts: dict[str, torch.Tensor] = {}
-    scores_out: torch.Tensor | None = None
-    for start in progress(range(0, n, batch_size), "replay"):
-        h = torch.from_numpy(inputs[start : start + batch_size]).float()
-        for i, seg in enumerate(segments):
-            h = seg(h)
-            if i < len(nodes):
-                p = prepool(h, prepool_size_for(tuple(h.shape[1:]), max_spatial)) if h.dim() == 4 else h
-                if nodes[i] not in acts:
-                    acts[nodes[i]] = torch.empty((n, *p.shape[1:]), dtype=torch.float16)
-                acts[nodes[i]][start : start + p.shape[0]] = p.half()
-        if output is None:
-            output = detect(h)
-            logger.info("backbone output: class scores at %r, %s", output.key, output.kind)
-        scores = output.scores(h)
-        if scores_out is None:
-            scores_out = torch.empty((n, scores.shape[1]), dtype=torch.float32)
-        scores_out[start : start + scores.shape[0]] = scores.float()
-    if scores_out is None or output is None:
-        raise LogError("no logged inputs to replay")
-    return acts, scores_out, output
-
-
-def policy_sample(table: pa.Table, max_rows: int = 256, max_bytes: int = 8 * 2**20, seed: int = 0) -> torch.Tensor:
+def policy_sample(inputs: LoggedInputs, max_rows: int = 256, max_bytes: int = 8 * 2**20, seed: int = 0) -> torch.Tensor:
     """Logged inputs, drawn at random, that ship in the cached ``.mar`` so a worker can time its policy at startup.
 
     At most ``max_rows`` rows and ``max_bytes`` bytes (float16, at least one row); only the drawn rows are decoded.
 
     Raises:
-        LogError: the table has no rows (or inputs of several shapes, see :func:`decode_inputs`).
+        LogError: there are no rows.
     """
-    n = table.num_rows
+    n = inputs.n
     if n == 0:
         raise LogError("no logged inputs to sample for the policy")
-    row_bytes = 2 * int(np.prod(decode_inputs(table.slice(0, 1)).shape[1:]))
+    row_bytes = 2 * int(np.prod(inputs.shape))
     k = max(1, min(max_rows, n, max_bytes // max(row_bytes, 1)))
     rows = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
-    return torch.from_numpy(decode_inputs(table.take(pa.array(rows)))).half()
+    return inputs.batch(rows).half()
 
 
 def pick_trials(space: Sequence[HeadSpec], trials: int) -> list[HeadSpec]:
@@ -440,13 +398,18 @@ def search(
     table: pa.Table,
     config: BuildConfig,
     *,
+    preprocess: Preprocess | None = None,
     index_to_name: dict[str, str] | None = None,
     progress: Progress = _no_progress,
 ) -> SearchState:
     """Candidates, replay, head search/training/calibration at every candidate (sections 4.1-4.3).
 
+    Args:
+        preprocess: the archive's original ``preprocess`` (rows -> batched tensor), replayed on logged request
+            bodies; needed unless every row carries its input tensor.
+
     Raises:
-        LogError: too few rows, or inputs of several shapes.
+        LogError: too few rows, inputs of several shapes, or bodies to replay without ``preprocess``.
         GraphError: the backbone cannot be traced (see the hint in the message).
     """
     t_start = time.perf_counter()
@@ -454,8 +417,8 @@ def search(
     n = table.num_rows
     if n < 50:
         raise LogError(f"only {n} logged requests; a build needs at least 50 (thousands for a useful cache)")
-    inputs = decode_inputs(table)
-    example = torch.from_numpy(inputs[:1]).float()
+    inputs = LoggedInputs(table, preprocess)
+    example = inputs.batch(np.arange(1))
     if config.nodes:
         cands = describe_nodes(backbone, example, list(config.nodes))
     else:
@@ -512,7 +475,7 @@ def search(
         idx=idx,
         total_flops=float(cands[0].flops_prefix + cands[0].flops_remaining) if cands else 0.0,
         num_classes=int(logits.shape[1]),
-        input_shape=tuple(inputs.shape[1:]),
+        input_shape=tuple(inputs.shape),
         fingerprint=fingerprint,
         fidelity=_replay_fidelity(table, backbone_pred.numpy(), fingerprint),
         latency=latency,
@@ -736,6 +699,7 @@ def build_cache(
     table: pa.Table,
     config: BuildConfig,
     *,
+    preprocess: Preprocess | None = None,
     index_to_name: dict[str, str] | None = None,
     progress: Progress = _no_progress,
 ) -> BuildResult:
@@ -749,7 +713,9 @@ def build_cache(
         LogError: too few rows, or inputs of several shapes.
         GraphError: the backbone cannot be traced (see the hint in the message).
     """
-    return finalize(search(backbone, table, config, index_to_name=index_to_name, progress=progress))
+    return finalize(
+        search(backbone, table, config, preprocess=preprocess, index_to_name=index_to_name, progress=progress)
+    )
 
 
 def _replay_fidelity(table: pa.Table, replay_pred: np.ndarray, fingerprint: str) -> dict[str, Any]:
@@ -759,7 +725,7 @@ def _replay_fidelity(table: pa.Table, replay_pred: np.ndarray, fingerprint: str)
     mask = same & backbone_rows
     out: dict[str, Any] = {"rows_same_weights": int(same.sum()), "rows_compared": int(mask.sum())}
     if mask.any():
-        logged = decode_probs(table.filter(pa.array(mask))).argmax(axis=1)
+        logged = table.column("prediction").to_numpy()[mask]
         out["prediction_agreement"] = float((logged == replay_pred[mask]).mean())
     if not same.all():
         logger.warning(

@@ -32,6 +32,8 @@ EXIT_HEADER = "X-Layercache-Exit"
 HANDLER_MODES = ("record", "cached")
 #: Where a cached worker gets its per-batch-size policy (see :attr:`HandlerConfig.policy_source`).
 POLICY_SOURCES = ("auto", "startup", "stored")
+#: What the online guard does to a head whose live disagreement exceeds what it was certified for.
+GUARDS = ("disable", "raise", "off")
 # Keys of the layercache: section that were renamed: old name -> new name (old archives still load).
 _RENAMED_KEYS = {"policy": "policy_source"}
 
@@ -72,12 +74,33 @@ class HandlerConfig:
         log_dir: where traffic is recorded; default ``$LAYERCACHE_LOG_DIR/<model>`` or
             ``~/.layercache/logs/<model>``.
         record: record traffic at all.
-        record_activations: log pooled activations of the candidate layers (inputs are always logged).
+        record_fraction: share of answered requests recorded, drawn at random (1.0: every one).
+        record_inputs: also record each request's preprocessed input tensor (float16); by default only rows whose
+            body cannot be kept (none, or over ``max_record_body_kb``) carry it, and the build replays the
+            original ``preprocess`` on the recorded body.
+        max_record_body_kb: bodies larger than this are not recorded (their input tensor is, instead).
+        record_labels: record a ``label`` field of the request (``tools/record.py`` sets it from an ImageFolder);
+            off for served traffic, so clients cannot write the label column.
+        record_activations: log pooled activations of the candidate layers (needs ``input_shape``; the build does
+            not use them: off by default).
         candidates: fx node names whose pooled activations are logged; ``None`` finds them automatically.
         segment_mb: rotate a worker's Arrow segment at this size.
         max_log_gb: cap on the whole log dir; rows beyond it are dropped and counted (``None``: no cap).
         input_shape: expected per-request input shape after preprocess; rows of another shape get HTTP 400.
         explain_steps: integrated-gradient steps for ``/explanations``.
+        max_body_mb: requests with a larger body get HTTP 413 before anything decodes them.
+        max_pixels: images with more pixels than this get HTTP 413, read from their header before decoding.
+        verify_fraction: cached workers: share of cache hits that also run the rest of the backbone (answered by
+            the head all the same) so that the head's live agreement is measured and recorded (0: off).
+        guard: cached workers: what a head whose verified answers show more disagreement than it was certified
+            for gets: ``disable`` (answers nothing more), ``raise`` (a higher threshold), ``off`` (only reported).
+        output_key: where the class scores are in the backbone's output (a tuple position or a dict key / an
+            attribute name); None detects it (:mod:`layercache.outputs`).
+        output_kind: ``logits``, ``probs`` or ``logprobs``; None detects it from the values.
+        leaf_modules: module class names torch.fx must not trace into (besides those found automatically when
+            tracing fails inside them).
+        log_dir_mode, log_file_mode: permissions of the log dir and of the files in it (octal strings): only the
+            worker's user can read the recorded requests by default.
         policy_source: where a cached worker gets its per-batch-size policy (shrink / no-shrink / backbone only
             per batch size; called ``policy`` before 0.2, which is still read):
             ``startup`` times the three on the device the worker runs on, on logged inputs shipped in the archive,
@@ -89,13 +112,26 @@ class HandlerConfig:
     mode: str = "record"
     log_dir: str | None = None
     record: bool = True
-    record_activations: bool = True
+    record_fraction: float = 1.0
+    record_inputs: bool = False
+    max_record_body_kb: float = 1024.0
+    record_labels: bool = False
+    record_activations: bool = False
     candidates: tuple[str, ...] | None = None
     segment_mb: float = 64.0
     max_log_gb: float | None = 10.0
     input_shape: tuple[int, ...] | None = None
     explain_steps: int = 15
     policy_source: str = "auto"
+    max_body_mb: float = 10.0
+    max_pixels: int = 40_000_000
+    verify_fraction: float = 0.02
+    guard: str = "disable"
+    output_key: str | int | None = None
+    output_kind: str | None = None
+    leaf_modules: tuple[str, ...] = ()
+    log_dir_mode: str = "700"
+    log_file_mode: str = "600"
 
     def __post_init__(self) -> None:
         if self.mode not in HANDLER_MODES:
@@ -104,6 +140,23 @@ class HandlerConfig:
             raise ConfigError(f"layercache.policy_source={self.policy_source!r} is not one of {POLICY_SOURCES}")
         if self.segment_mb <= 0:
             raise ConfigError(f"layercache.segment_mb={self.segment_mb} must be > 0")
+        for name in ("record_fraction", "verify_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"layercache.{name}={value} must be a fraction in [0, 1]")
+        for name in ("max_record_body_kb", "max_body_mb", "max_pixels"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"layercache.{name}={getattr(self, name)} must be > 0")
+        if self.guard not in GUARDS:
+            raise ConfigError(f"layercache.guard={self.guard!r} is not one of {GUARDS}")
+        if self.output_kind is not None and self.output_kind not in ("logits", "probs", "logprobs"):
+            raise ConfigError(f"layercache.output_kind={self.output_kind!r} is not one of logits, probs, logprobs")
+        for name in ("log_dir_mode", "log_file_mode"):
+            value = str(getattr(self, name))
+            if not (value.isdigit() and set(value) <= set("01234567") and len(value) <= 4):
+                raise ConfigError(f"layercache.{name}={value!r} must be an octal permission string such as '600'")
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "leaf_modules", tuple(str(m) for m in self.leaf_modules or ()))
         if self.max_log_gb is not None and self.max_log_gb <= 0:
             raise ConfigError(f"layercache.max_log_gb={self.max_log_gb} must be > 0 or null")
         if self.candidates is not None:

@@ -181,7 +181,9 @@ def record_images(
     if not files:
         raise LayercacheError(f"no files under {images}")
     with tempfile.TemporaryDirectory(prefix="layercache-record-") as tmp:
-        loaded = open_mar(mar, Path(tmp), as_served=True, handler_overrides={"log_dir": str(Path(log_dir).resolve())})
+        # Offline, the ImageFolder's labels are the operator's own: record them (served traffic never does).
+        overrides = {"log_dir": str(Path(log_dir).resolve()), "record_labels": True}
+        loaded = open_mar(mar, Path(tmp), as_served=True, handler_overrides=overrides)
         with loaded:
             if loaded.info.mode != "record":
                 raise ArchiveError(f"{mar} is not a recording archive. Hint: wrap it first with archiver/wrap_mar.py")

@@ -32,9 +32,10 @@ from layercache.errors import ArchiveError, ConfigError
 from layercache.graph import Candidate, find_candidates, list_layer_names
 from layercache.offline import open_mar
 from layercache.progress import Progress, no_progress
+from layercache.replay import LoggedInputs
 from layercache.report import write_report
 from layercache.runtime import CachedModel, heads_state_dict, measure_policy
-from layercache.trafficlog import compact, decode_inputs, read_logs
+from layercache.trafficlog import compact, read_logs
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +108,17 @@ def build_cached_archive(request: BuildRequest, *, progress: Progress = no_progr
         mapping = loaded.model_dir / "index_to_name.json"
         index_to_name = json.loads(mapping.read_text()) if mapping.is_file() else None
         torch.manual_seed(request.config.seed)
-        result = build_cache(backbone, table, request.config, index_to_name=index_to_name, progress=progress)
+        result = build_cache(
+            backbone,
+            table,
+            request.config,
+            preprocess=loaded.preprocess,
+            index_to_name=index_to_name,
+            progress=progress,
+        )
         heads_file = Path(tmp) / "heads.pt"
         torch.save(heads_state_dict(result.heads), heads_file)
-        sample = policy_sample(table, seed=request.config.seed)
+        sample = policy_sample(LoggedInputs(table, loaded.preprocess), seed=request.config.seed)
         sample_file = Path(tmp) / "sample.pt"
         torch.save(sample, sample_file)
         spec = result.spec
@@ -179,6 +187,6 @@ def list_layers(mar: Path, logs: Path) -> LayerListing:
     """Candidate layers of the archive's classifier for the logged input shape, and every cuttable layer."""
     table = _read(logs, 1)
     with tempfile.TemporaryDirectory(prefix="layercache-layers-") as tmp:
-        backbone = open_mar(mar, Path(tmp) / "mar").backbone
-        example = torch.from_numpy(decode_inputs(table)).float()
-        return LayerListing(find_candidates(backbone, example), list_layer_names(backbone))
+        loaded = open_mar(mar, Path(tmp) / "mar")
+        example = LoggedInputs(table, loaded.preprocess).batch([0])
+        return LayerListing(find_candidates(loaded.backbone, example), list_layer_names(loaded.backbone))

@@ -76,11 +76,15 @@ class RecorderConfig:
             to Parquet in the background.
         max_total_bytes: cap on the whole log dir (Parquet parts and segments); rows beyond it are dropped and
             counted. None for no cap.
+        dir_mode, file_mode: permissions of the directories and files the recorder creates (recorded requests
+            are user data: only the worker's user reads them by default).
     """
 
     log_dir: Path
     segment_bytes: int = 64 * 2**20
     max_total_bytes: int | None = 10 * 2**30
+    dir_mode: int = 0o700
+    file_mode: int = 0o600
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "log_dir", Path(self.log_dir))
@@ -115,16 +119,19 @@ def _host_tag() -> str:
 class _Segment:
     """One open, locked segment file and its IPC stream writer."""
 
-    def __init__(self, log_dir: Path, schema: pa.Schema) -> None:
+    def __init__(self, log_dir: Path, schema: pa.Schema, dir_mode: int = 0o700, file_mode: int = 0o600) -> None:
         directory = trafficlog.segment_dir(log_dir)
-        directory.mkdir(parents=True, exist_ok=True)
+        for d in (Path(log_dir), directory):
+            if not d.is_dir():
+                d.mkdir(parents=True, exist_ok=True, mode=dir_mode)
+                os.chmod(d, dir_mode)  # mkdir's mode is masked by the umask
         self.pid = os.getpid()
         stem = f"seg-{_host_tag()}-{self.pid}-{time.time_ns()}"
         self.path = directory / f"{stem}.arrows"
         # Create and lock under a name compaction does not look at, then rename: otherwise a compactor could lock
         # the fresh empty file first and delete it under us.
         tmp = directory / f".{stem}.arrows.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, file_mode)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.rename(tmp, self.path)
@@ -238,7 +245,9 @@ class Recorder:
             segment.abandon()
             segment = self._segment = None
         if segment is None:
-            segment = self._segment = _Segment(self.config.log_dir, self.schema)
+            segment = self._segment = _Segment(
+                self.config.log_dir, self.schema, self.config.dir_mode, self.config.file_mode
+            )
             self._total_bytes += segment.size
         try:
             added = segment.write(batch)

@@ -1,35 +1,42 @@
 """The two serving objects behind the layercache handlers: :class:`RecordingService` and :class:`CachedService`.
 
 Each is built complete by its ``create`` from the archive's original handler (already initialised) and the
-``layercache:`` settings, and its fields never change afterwards. A batch goes through three steps, each returning
-its value: :func:`decode` (the original ``preprocess``, row by row, so one bad body fails only its request), the
-service's ``predict`` (the backbone split for recording, Algorithm 1 for the cache) with the original
+``layercache:`` settings. A batch goes through three steps, each returning its value: :func:`decode` (size
+limits, then the original ``preprocess`` row by row, so one bad body fails only its own request), the service's
+``predict`` (the backbone for recording, Algorithm 1 with online verification for the cache) with the original
 ``postprocess``, and the replies in request order. Every answered row is recorded before ``handle`` returns.
 
+What changes while a worker serves is explicit and small: the input shape fixed by the first request
+(:class:`InputShape`), the traffic log's counters (:class:`Traffic`), and a cached worker's live model and head
+statistics (:class:`~layercache.monitor.CacheMonitor`).
+
 Nothing here imports TorchServe: :mod:`layercache.torchserve_adapter` turns TorchServe's batch into :class:`Row`
-values and the :class:`Handled` result back into responses, headers and metrics.
+values and the :class:`Handled` result back into responses, headers and metrics. A client gets one sentence it
+can act on; the details (exception types, batch positions) go to the worker log.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from layercache.config import CACHE_SPEC_FILE, HEADS_FILE, SAMPLE_FILE, CacheSpec, HandlerConfig
-from layercache.errors import ArchiveError, GraphError, InputError
+from layercache.errors import ArchiveError, GraphError
+from layercache.monitor import CacheMonitor
+from layercache.outputs import OutputSpec, detect
 from layercache.recorder import Recorder, RecorderConfig
 from layercache.runtime import BACKBONE, CachedModel, RecordingModel, exit_names, measure_policy
-from layercache.trafficlog import encode_batch, make_schema
+from layercache.trafficlog import Body, encode_batch, make_schema
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +54,13 @@ METRIC_EXITS = "LayercacheExits"
 METRIC_ROWS = "LayercacheBatchRows"
 METRIC_RECORD_FAILED = "LayercacheRecordFailed"
 METRIC_RECORD_DROPPED = "LayercacheRecordDropped"
+METRIC_VERIFIED = "LayercacheVerifiedHits"
+METRIC_AGREED = "LayercacheVerifiedAgreed"
+METRIC_AGREEMENT_LB = "LayercacheHeadAgreementLowerBound"
+METRIC_HEAD_ACTIVE = "LayercacheHeadActive"
+METRIC_DISAGREEMENT = "LayercacheEstimatedDisagreement"
+# Fields a request's body may come in (TorchServe: the raw body is "body", a form field "data" by convention).
+BODY_FIELDS = ("data", "body")
 
 
 # ------------------------------------------------------------------------------------------------- batch values
@@ -70,11 +84,12 @@ class Reply:
 
 @dataclass(frozen=True)
 class Metric:
-    """A counter increment for TorchServe's metrics: name, value, dimensions."""
+    """A TorchServe metric update: a ``counter`` increment or a ``gauge`` value, with its dimensions."""
 
     name: str
     value: float
     dims: tuple[tuple[str, str], ...] = ()
+    kind: str = "counter"
 
 
 @dataclass(frozen=True)
@@ -92,6 +107,14 @@ class Identity:
     model_name: str
     model_version: str
     fingerprint: str
+
+
+class RequestError(Exception):
+    """One request cannot be answered: ``status`` and one sentence for the client; ``detail`` for the log."""
+
+    def __init__(self, status: int, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.status, self.message, self.detail = status, message, detail
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
@@ -115,67 +138,157 @@ class InputShape:
 
 @dataclass(frozen=True)
 class Decoded:
-    """The rows of a batch after the original ``preprocess``: positions and inputs of the good ones, the errors."""
+    """The rows of a batch after the original ``preprocess``: positions, inputs and bodies of the good ones, and a
+    reply for each bad one."""
 
     positions: tuple[int, ...]
     x: torch.Tensor | None
+    bodies: tuple[Body | None, ...]
     errors: dict[int, Reply]
 
 
-def decode(inner: Any, rows: Sequence[Row], shape: InputShape, device: torch.device) -> Decoded:
-    """Run the original ``preprocess`` per row; a failing or wrong-shape row gets a 400 reply of its own."""
+def _body_value(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        for name in BODY_FIELDS:
+            if data.get(name) is not None:
+                return data[name]
+        fields = ", ".join(sorted(str(k) for k in data)) or "none"
+        raise RequestError(
+            400,
+            f"Send the input as the request body or as a form field named 'data' (this request has fields: {fields}).",
+        )
+    return data
+
+
+def _check_size(value: Any, config: HandlerConfig) -> None:
+    """413 for a body over ``max_body_mb`` or an image over ``max_pixels``, read from its header (no decoding)."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        return
+    size = len(value)
+    if size > config.max_body_mb * 2**20:
+        raise RequestError(
+            413, f"The request body is {size / 2**20:.1f} MB; this service accepts at most {config.max_body_mb:g} MB."
+        )
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(value)) as img:  # reads the header only
+            width, height = img.size
+    except Exception:  # noqa: BLE001 - not an image PIL knows: preprocess decides what to do with it
+        return
+    if width * height > config.max_pixels:
+        raise RequestError(
+            413,
+            f"The image is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels); this service accepts at "
+            f"most {config.max_pixels / 1e6:g} megapixels.",
+        )
+
+
+def _preprocess_one(inner: Any, data: Any) -> torch.Tensor:
+    try:
+        t = inner.preprocess([data])
+    except Exception as exc:  # noqa: BLE001 - any decode failure of one request is that request's 400
+        raise RequestError(
+            400,
+            "The request body could not be read as an input for this model (an image classifier takes a PNG or "
+            "JPEG image).",
+            f"{type(exc).__name__}: {exc}",
+        ) from exc
+    if not isinstance(t, torch.Tensor):
+        raise RequestError(
+            400,
+            f"This model's preprocess gives {type(t).__name__}, not one tensor, so layercache cannot serve it. Hint "
+            "for the operator: check the archive with archiver/wrap_mar.py --sample",
+            f"preprocess returned {type(t).__name__}",
+        )
+    if t.dim() == 0 or t.shape[0] != 1:
+        raise RequestError(
+            400,
+            "This model's preprocess does not give one batched row per request, so layercache cannot serve it.",
+            f"preprocess gave shape {tuple(t.shape)} for one request",
+        )
+    return t
+
+
+def decode(inner: Any, rows: Sequence[Row], shape: InputShape, device: torch.device, config: HandlerConfig) -> Decoded:
+    """Size limits, then the original ``preprocess`` per row; a bad row gets a reply of its own."""
     positions: list[int] = []
     tensors: list[torch.Tensor] = []
+    bodies: list[Body | None] = []
     errors: dict[int, Reply] = {}
+    limit = int(config.max_record_body_kb * 1024)
     for i, row in enumerate(rows):
         try:
-            t = inner.preprocess([row.data])
-            if not isinstance(t, torch.Tensor):
-                raise InputError(f"the inner handler's preprocess returned {type(t).__name__}, not a tensor")
-            if t.shape[0] != 1:
-                raise InputError(f"the inner handler's preprocess gave {t.shape[0]} rows for one request")
-        except Exception as exc:  # noqa: BLE001 - any decode failure of one request is that request's 400
-            msg = f"layercache: request {i} could not be preprocessed: {type(exc).__name__}: {exc}"
-            errors[i] = Reply(msg, 400)
-            logger.info(msg)
-            continue
-        got = tuple(t.shape[1:])
-        if not shape.admit(got):
-            errors[i] = Reply(
-                f"layercache: request {i} has input shape {list(got)}, the model expects {list(shape.shape or ())}", 400
-            )
+            _check_size(_body_value(row.data), config)
+            t = _preprocess_one(inner, row.data)
+            got = tuple(t.shape[1:])
+            if not shape.admit(got):
+                raise RequestError(
+                    400,
+                    f"This model takes inputs of shape {list(shape.shape or ())} after preprocessing; this request "
+                    f"gave {list(got)}.",
+                )
+        except RequestError as error:
+            errors[i] = Reply(error.message, error.status)
+            logger.info("request %s (batch position %d): HTTP %d %s %s", row.request_id, i, error.status,
+                        error.message, error.detail)  # fmt: skip
             continue
         positions.append(i)
         tensors.append(t)
+        bodies.append(Body.of(row.data, limit))
     x = torch.cat(tensors).to(device) if tensors else None
-    return Decoded(tuple(positions), x, errors)
+    return Decoded(tuple(positions), x, tuple(bodies), errors)
 
 
 # ----------------------------------------------------------------------------------------- recording, explaining
+@dataclass(frozen=True)
+class Answered:
+    """Rows a batch answered, as the traffic log records them."""
+
+    rows: list[Row]
+    x: torch.Tensor
+    bodies: list[Body | None]
+    probs: torch.Tensor
+    exits: list[str]
+    confidence: torch.Tensor | None = None
+    backbone_pred: torch.Tensor | None = None
+    acts: Mapping[str, torch.Tensor] | None = None
+
+
 class Traffic:
     """Where answered rows go: encoded and appended to this worker's log segment, or nowhere (``record: false``).
 
-    Keeps the record-failed / record-dropped counts already reported, so each batch reports only what is new.
+    Draws the ``record_fraction`` share of rows, and keeps the record-failed / record-dropped counts already
+    reported, so each batch reports only what is new.
     """
 
-    def __init__(self, recorder: Recorder | None, schema: Any, identity: Identity) -> None:
+    def __init__(self, recorder: Recorder | None, schema: Any, identity: Identity, config: HandlerConfig) -> None:
         self._recorder = recorder
         self._schema = schema
         self._identity = identity
+        self._config = config
+        self._rng = np.random.default_rng()
         self._reported = (0, 0)
 
     @classmethod
     def open(cls, config: HandlerConfig, nodes: Sequence[str], identity: Identity) -> Traffic:
         schema = make_schema(list(nodes))
         if not config.record:
-            return cls(None, schema, identity)
+            return cls(None, schema, identity, config)
         log_dir = config.resolved_log_dir(identity.model_name)
         cap = None if config.max_log_gb is None else int(config.max_log_gb * 2**30)
         recorder = Recorder(
-            RecorderConfig(log_dir=log_dir, segment_bytes=int(config.segment_mb * 2**20), max_total_bytes=cap), schema
+            RecorderConfig(
+                log_dir=log_dir,
+                segment_bytes=int(config.segment_mb * 2**20),
+                max_total_bytes=cap,
+                dir_mode=int(config.log_dir_mode, 8),
+                file_mode=int(config.log_file_mode, 8),
+            ),
+            schema,
         )
         logger.info("recording traffic to %s", log_dir)
-        return cls(recorder, schema, identity)
+        return cls(recorder, schema, identity, config)
 
     def describe(self) -> dict[str, int]:
         """This worker's recorded, failed and dropped rows (nothing when it does not record)."""
@@ -188,34 +301,20 @@ class Traffic:
             "record_dropped_rows": r.dropped_rows,
         }
 
-    def record(
-        self,
-        rows: Sequence[Row],
-        x: torch.Tensor,
-        probs: torch.Tensor,
-        exits: Sequence[str],
-        acts: Mapping[str, torch.Tensor],
-    ) -> tuple[Metric, ...]:
-        """Append the answered ``rows`` (never raises); returns the failure counts that are new since last time."""
+    def record(self, a: Answered) -> tuple[Metric, ...]:
+        """Append the answered rows (never raises); returns the failure counts that are new since last time."""
         if self._recorder is None:
             return ()
+        keep = np.arange(len(a.rows))
+        if self._config.record_fraction < 1.0:
+            keep = keep[self._rng.random(len(keep)) < self._config.record_fraction]
+            if not len(keep):
+                return ()
         try:
-            labels = [_label(row.data) for row in rows]
-            batch = encode_batch(
-                self._schema,
-                request_ids=[row.request_id or str(uuid.uuid4()) for row in rows],
-                model_name=self._identity.model_name,
-                model_version=self._identity.model_version,
-                weights_fingerprint=self._identity.fingerprint,
-                inputs=x.detach().to("cpu", torch.float16).numpy(),
-                probs=probs.cpu().numpy(),
-                exits=list(exits),
-                acts={k: v.detach().to("cpu", torch.float16).numpy() for k, v in acts.items()},
-                labels=labels if any(lbl is not None for lbl in labels) else None,
-            )
+            batch = self._encode(a, keep)
         except Exception:  # noqa: BLE001 - recording must never fail a request
             logger.exception("could not encode rows for recording")
-            self._recorder.failed_rows += len(rows)
+            self._recorder.failed_rows += len(keep)
         else:
             self._recorder.append(batch)
         failed, dropped = self._recorder.failed_rows, self._recorder.dropped_rows
@@ -225,6 +324,33 @@ class Traffic:
             Metric(name, value) for name, value in zip((METRIC_RECORD_FAILED, METRIC_RECORD_DROPPED), new) if value
         )
 
+    def _encode(self, a: Answered, keep: np.ndarray) -> Any:
+        config = self._config
+        rows = [a.rows[i] for i in keep]
+        labels = [_label(row.data) for row in rows] if config.record_labels else None
+        bodies = [a.bodies[i] for i in keep]
+        idx = torch.from_numpy(keep).to(a.x.device)
+        keep_inputs = np.ones(len(keep), dtype=bool) if config.record_inputs else None
+        return encode_batch(
+            self._schema,
+            request_ids=[row.request_id or str(uuid.uuid4()) for row in rows],
+            model_name=self._identity.model_name,
+            model_version=self._identity.model_version,
+            weights_fingerprint=self._identity.fingerprint,
+            input_shape=tuple(a.x.shape[1:]),
+            probs=a.probs.index_select(0, idx).cpu().numpy(),
+            exits=[a.exits[i] for i in keep],
+            bodies=bodies,
+            inputs=a.x.index_select(0, idx).detach().to("cpu", torch.float16).numpy(),
+            keep_inputs=keep_inputs,
+            confidence=None if a.confidence is None else a.confidence.index_select(0, idx).cpu().numpy(),
+            backbone_prediction=None if a.backbone_pred is None else a.backbone_pred.index_select(0, idx).cpu().numpy(),
+            acts={
+                k: v.index_select(0, idx).detach().to("cpu", torch.float16).numpy() for k, v in (a.acts or {}).items()
+            },
+            labels=labels if labels and any(lbl is not None for lbl in labels) else None,
+        )
+
     def close(self) -> None:
         if self._recorder is not None:
             self._recorder.close()
@@ -232,48 +358,87 @@ class Traffic:
 
 @dataclass(frozen=True)
 class Explainer:
-    """Integrated gradients (captum) on the backbone for ``/explanations``; each row targets its own class."""
+    """Integrated gradients (captum) on the backbone for ``/explanations``; each row targets its own class or the
+    ``target`` it asks for."""
 
     backbone: nn.Module
     steps: int
     ig: Any
+    scores: Callable[[Any], torch.Tensor]
 
     @classmethod
-    def create(cls, backbone: nn.Module, steps: int) -> Explainer:
+    def create(cls, backbone: nn.Module, steps: int, output: Callable[[], OutputSpec]) -> Explainer:
         from captum.attr import IntegratedGradients
 
-        return cls(backbone, steps, IntegratedGradients(backbone))
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return output().scores(backbone(x))
+
+        return cls(backbone, steps, IntegratedGradients(forward), forward)
 
     def explain(self, x: torch.Tensor, positions: Sequence[int], rows: Sequence[Row]) -> dict[int, Reply]:
+        """One attribution per row; a bad target fails only its row, and so does an attribution that fails."""
         with torch.no_grad():
-            pred = self.backbone(x).argmax(dim=1)
-        targets = []
+            scores = self.scores(x)
+        classes = scores.shape[1]
+        replies: dict[int, Reply] = {}
+        good: list[tuple[int, int, int]] = []  # (row in x, batch position, target)
         for j, i in enumerate(positions):
-            t = _target(rows[i].data)
-            targets.append(int(pred[j]) if t is None else t)
+            try:
+                t = _target(rows[i].data, classes)
+            except RequestError as error:
+                replies[i] = Reply(error.message, error.status)
+                continue
+            good.append((j, i, int(scores[j].argmax()) if t is None else t))
+        if not good:
+            return replies
         try:
-            attr = self.ig.attribute(x.clone().requires_grad_(True), target=targets, n_steps=self.steps)
-        except Exception as exc:  # noqa: BLE001 - e.g. a target out of range
-            msg = f"layercache: explanation failed: {type(exc).__name__}: {exc}"
-            return {i: Reply(msg, 400) for i in positions}
-        return {i: Reply(attr[j].tolist()) for j, i in enumerate(positions)}
+            replies.update(self._attribute(x, good))
+        except Exception:  # noqa: BLE001 - retry row by row: only the row that fails gets the error
+            logger.info("batched attribution failed; retrying row by row", exc_info=True)
+            for one in good:
+                try:
+                    replies.update(self._attribute(x, [one]))
+                except Exception as exc:  # noqa: BLE001
+                    logger.info("attribution of batch position %d failed: %s: %s", one[1], type(exc).__name__, exc)
+                    replies[one[1]] = Reply("The explanation for this request could not be computed.", 500)
+        return replies
+
+    def _attribute(self, x: torch.Tensor, rows: list[tuple[int, int, int]]) -> dict[int, Reply]:
+        xs = x[[j for j, _, _ in rows]].clone().requires_grad_(True)
+        attr = self.ig.attribute(xs, target=[t for _, _, t in rows], n_steps=self.steps)
+        return {i: Reply(attr[k].tolist()) for k, (_, i, _) in enumerate(rows)}
 
 
-def _postprocess(inner: Any, scores: torch.Tensor, positions: Sequence[int], exits: Sequence[str]) -> dict[int, Reply]:
-    """The original ``postprocess`` on the answered scores; a failure there fails these rows with 500."""
+def _postprocess(inner: Any, output: Any, positions: Sequence[int], exits: Sequence[str]) -> dict[int, Reply]:
+    """The original ``postprocess`` on the answered output; a failure there fails these rows with 500."""
     try:
-        answers = inner.postprocess(scores)
+        answers = inner.postprocess(output)
         if len(answers) != len(positions):
-            raise InputError(f"postprocess returned {len(answers)} answers for {len(positions)} rows")
-    except Exception as exc:  # noqa: BLE001 - the original postprocess failed for this batch
+            raise ValueError(f"postprocess returned {len(answers)} answers for {len(positions)} rows")
+    except Exception:  # noqa: BLE001 - the original postprocess failed for this batch
         logger.exception("inner postprocess failed")
-        msg = f"layercache: postprocess failed: {type(exc).__name__}: {exc}"
-        return {i: Reply(msg, 500) for i in positions}
+        return {i: Reply("The model could not format its answer to this request.", 500) for i in positions}
     return {i: Reply(answers[j], 200, exits[j]) for j, i in enumerate(positions)}
 
 
+class OutputContract:
+    """Where the class scores are in the backbone's output: from the settings, or found on the first batch and
+    fixed for the worker's lifetime (as :class:`InputShape`)."""
+
+    def __init__(self, config: HandlerConfig, spec: OutputSpec | None = None) -> None:
+        self._key, self._kind = config.output_key, config.output_kind
+        self._spec = spec
+
+    def spec(self, out: Any = None) -> OutputSpec:
+        if self._spec is None:
+            if out is None:
+                return OutputSpec(self._key, self._kind or "logits")
+            self._spec = detect(out, self._key, self._kind)
+        return self._spec
+
+
 @dataclass(frozen=True)
-class _Parts:
+class ServiceParts:
     """What both services share: the original handler, the backbone, where inputs go, how rows are logged."""
 
     config: HandlerConfig
@@ -282,30 +447,57 @@ class _Parts:
     device: torch.device
     identity: Identity
     shape: InputShape
+    output: OutputContract
     explainer: Explainer
     traffic: Traffic
 
+    @classmethod
+    def create(
+        cls,
+        config: HandlerConfig,
+        inner: Any,
+        backbone: nn.Module,
+        identity: Identity,
+        nodes: Sequence[str],
+        *,
+        input_shape: tuple[int, ...] | None = None,
+        output: OutputSpec | None = None,
+    ) -> ServiceParts:
+        contract = OutputContract(config, output)
+        return cls(
+            config=config,
+            inner=inner,
+            backbone=backbone,
+            device=getattr(inner, "device", torch.device("cpu")),
+            identity=identity,
+            shape=InputShape(input_shape or config.input_shape),
+            output=contract,
+            explainer=Explainer.create(backbone, config.explain_steps, contract.spec),
+            traffic=Traffic.open(config, nodes, identity),
+        )
 
-def _handle(parts: _Parts, rows: Sequence[Row], predict: Any) -> Handled:
-    """decode -> predict (and explain) -> replies in request order."""
-    decoded = decode(parts.inner, rows, parts.shape, parts.device)
-    replies: dict[int, Reply] = dict(decoded.errors)
-    metrics: list[Metric] = []
-    if decoded.x is not None:
-        pred = [j for j, i in enumerate(decoded.positions) if not rows[i].explain]
-        expl = [j for j, i in enumerate(decoded.positions) if rows[i].explain]
-        if pred:
-            x = decoded.x if len(pred) == len(decoded.positions) else decoded.x[pred]
-            answered, batch_metrics = predict(x, [decoded.positions[j] for j in pred], rows)
-            replies.update(answered)
-            metrics += batch_metrics
-        if expl:
-            replies.update(parts.explainer.explain(decoded.x[expl], [decoded.positions[j] for j in expl], rows))
-    return Handled(tuple(replies[i] for i in range(len(rows))), tuple(metrics))
+    def handle(self, rows: Sequence[Row], predict: Callable[..., tuple[dict[int, Reply], list[Metric]]]) -> Handled:
+        """decode -> predict (and explain) -> replies in request order."""
+        decoded = decode(self.inner, rows, self.shape, self.device, self.config)
+        replies: dict[int, Reply] = dict(decoded.errors)
+        metrics: list[Metric] = []
+        if decoded.x is not None:
+            pred = [j for j, i in enumerate(decoded.positions) if not rows[i].explain]
+            expl = [j for j, i in enumerate(decoded.positions) if rows[i].explain]
+            if pred:
+                x = decoded.x if len(pred) == len(decoded.positions) else decoded.x[pred]
+                batch = [(decoded.positions[j], decoded.bodies[j]) for j in pred]
+                answered, batch_metrics = predict(x, batch, rows)
+                replies.update(answered)
+                metrics += batch_metrics
+            if expl:
+                positions = [decoded.positions[j] for j in expl]
+                replies.update(self.explainer.explain(decoded.x[expl], positions, rows))
+        return Handled(tuple(replies[i] for i in range(len(rows))), tuple(metrics))
 
 
-def _answered(replies: Mapping[int, Reply], positions: Sequence[int]) -> list[int]:
-    return [j for j, i in enumerate(positions) if replies[i].status == 200]
+def _answered(replies: Mapping[int, Reply], batch: Sequence[tuple[int, Body | None]]) -> list[int]:
+    return [j for j, (i, _) in enumerate(batch) if replies[i].status == 200]
 
 
 # ---------------------------------------------------------------------------------------------------- recording
@@ -313,7 +505,7 @@ def _answered(replies: Mapping[int, Reply], positions: Sequence[int]) -> list[in
 class RecordingService:
     """Answers exactly like the original handler and records every answered request."""
 
-    parts: _Parts
+    parts: ServiceParts
     model: RecordingModel
 
     @classmethod
@@ -326,28 +518,33 @@ class RecordingService:
         device = getattr(inner, "device", torch.device("cpu"))
         nodes = _candidate_nodes(config, backbone, device)
         model = RecordingModel(backbone, nodes).to(device)
-        parts = _parts(config, inner, backbone, device, identity, nodes)
-        return cls(parts, model)
+        return cls(ServiceParts.create(config, inner, backbone, identity, nodes), model)
 
     def handle(self, rows: Sequence[Row]) -> Handled:
-        return _handle(self.parts, rows, self._predict)
+        return self.parts.handle(rows, self._predict)
 
-    def _predict(self, x: torch.Tensor, positions: list[int], rows: Sequence[Row]) -> tuple[dict[int, Reply], list]:
+    def _predict(
+        self, x: torch.Tensor, batch: list[tuple[int, Body | None]], rows: Sequence[Row]
+    ) -> tuple[dict[int, Reply], list[Metric]]:
         with torch.inference_mode():
-            logits, acts = self.model(x)
-            exits = [BACKBONE] * len(positions)
-            replies = _postprocess(self.parts.inner, logits, positions, exits)
-            ok = _answered(replies, positions)
-            metrics: tuple[Metric, ...] = ()
-            if ok:
-                metrics = self.parts.traffic.record(
-                    [rows[positions[j]] for j in ok],
-                    x[ok] if len(ok) != len(positions) else x,
-                    F.softmax(logits[ok].float(), dim=1),
-                    [exits[j] for j in ok],
-                    {k: v[ok] for k, v in acts.items()},
-                )
-        return replies, list(metrics)
+            out, acts = self.model(x)
+            scores = self.parts.output.spec(out).scores(out)
+            exits = [BACKBONE] * len(batch)
+            replies = _postprocess(self.parts.inner, out, [i for i, _ in batch], exits)
+            ok = _answered(replies, batch)
+            if not ok:
+                return replies, []
+            sel = torch.tensor(ok, device=x.device)
+            answered = Answered(
+                rows=[rows[batch[j][0]] for j in ok],
+                x=x.index_select(0, sel),
+                bodies=[batch[j][1] for j in ok],
+                probs=self.parts.output.spec().probs(scores.index_select(0, sel)),
+                exits=[exits[j] for j in ok],
+                backbone_pred=scores.index_select(0, sel).argmax(1),
+                acts={k: v.index_select(0, sel) for k, v in acts.items()},
+            )
+            return replies, list(self.parts.traffic.record(answered))
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"mode": "record", "weights": self.parts.identity.fingerprint}
@@ -379,40 +576,22 @@ def _candidate_nodes(config: HandlerConfig, backbone: nn.Module, device: torch.d
         return []
 
 
-def _parts(
-    config: HandlerConfig,
-    inner: Any,
-    backbone: nn.Module,
-    device: torch.device,
-    identity: Identity,
-    nodes: Sequence[str],
-    input_shape: tuple[int, ...] | None = None,
-) -> _Parts:
-    return _Parts(
-        config=config,
-        inner=inner,
-        backbone=backbone,
-        device=device,
-        identity=identity,
-        shape=InputShape(input_shape or config.input_shape),
-        explainer=Explainer.create(backbone, config.explain_steps),
-        traffic=Traffic.open(config, nodes, identity),
-    )
-
-
 # ------------------------------------------------------------------------------------------------------- cached
 @dataclass(frozen=True)
 class CachedService:
-    """Answers easy requests from cache heads (Algorithm 1) and keeps recording traffic for the next build.
+    """Answers easy requests from cache heads (Algorithm 1), verifies a share of them against the backbone, guards
+    the heads, and keeps recording traffic for the next build.
 
     Attributes:
+        monitor: the live model (the guard may disable or raise a head) and each head's verified agreement.
         policy_source: where the per-batch-size modes came from: ``startup`` (timed by this worker), ``build``
             (``build_cache.py --policy``) or ``default`` (shrink everywhere).
     """
 
-    parts: _Parts
-    model: CachedModel
+    parts: ServiceParts
+    monitor: CacheMonitor
     policy_source: str
+    spec: CacheSpec
 
     @classmethod
     def create(
@@ -439,33 +618,70 @@ class CachedService:
         heads_state = torch.load(model_dir / HEADS_FILE, map_location=device, weights_only=True)
         model = CachedModel.from_spec(backbone, spec, heads_state).to(device)
         model, source = _choose_policy(model, config, device, model_dir / SAMPLE_FILE, batch_size)
-        parts = _parts(config, inner, backbone, device, identity, [], spec.input_shape)
-        return cls(parts, model, source)
+        parts = ServiceParts.create(
+            config, inner, backbone, identity, [], input_shape=spec.input_shape, output=model.output
+        )
+        return cls(parts, CacheMonitor.create(model, spec, config.guard), source, spec)
+
+    @property
+    def model(self) -> CachedModel:
+        """The model serving now (the guard may have swapped in one with a head disabled or raised)."""
+        return self.monitor.model
 
     def handle(self, rows: Sequence[Row]) -> Handled:
-        return _handle(self.parts, rows, self._predict)
+        return self.parts.handle(rows, self._predict)
 
-    def _predict(self, x: torch.Tensor, positions: list[int], rows: Sequence[Row]) -> tuple[dict[int, Reply], list]:
+    def _predict(
+        self, x: torch.Tensor, batch: list[tuple[int, Body | None]], rows: Sequence[Row]
+    ) -> tuple[dict[int, Reply], list[Metric]]:
+        model = self.monitor.model
         with torch.inference_mode():
-            out = self.model.run(x)
-            exits = exit_names(self.model.nodes, out.exit_index)
-            replies = _postprocess(self.parts.inner, out.logits, positions, exits)
-            ok = _answered(replies, positions)
-            metrics = _exit_metrics(exits, self.model.nodes, out.batch_sizes)
+            out = model.run(x, verify=self.parts.config.verify_fraction)
+            exits = exit_names(model.nodes, out.exit_index)
+            replies = _postprocess(self.parts.inner, out.output, [i for i, _ in batch], exits)
+            ok = _answered(replies, batch)
+            fired = self.monitor.observe(out)
+            metrics = [*_exit_metrics(exits, model.nodes, out.batch_sizes), *self._verification_metrics(out, fired)]
             if ok:
-                metrics += self.parts.traffic.record(
-                    [rows[positions[j]] for j in ok],
-                    x[ok] if len(ok) != len(positions) else x,
-                    F.softmax(out.logits[ok].float(), dim=1),
-                    [exits[j] for j in ok],
-                    {},
+                sel = torch.tensor(ok, device=x.device)
+                answered = Answered(
+                    rows=[rows[batch[j][0]] for j in ok],
+                    x=x.index_select(0, sel),
+                    bodies=[batch[j][1] for j in ok],
+                    probs=model.output.probs(out.logits.index_select(0, sel)),
+                    exits=[exits[j] for j in ok],
+                    confidence=out.confidence.index_select(0, sel),
+                    backbone_pred=out.backbone_pred.index_select(0, sel),
                 )
-        return replies, list(metrics)
+                metrics += self.parts.traffic.record(answered)
+        return replies, metrics
+
+    def _verification_metrics(self, out: Any, fired: list[str]) -> list[Metric]:
+        verified = out.verified.cpu().numpy()
+        if not verified.any() and not fired:
+            return []
+        exits = out.exit_index.cpu().numpy()
+        agreed = (out.backbone_pred == out.logits.argmax(1)).cpu().numpy()
+        metrics = []
+        for k, head in enumerate(self.monitor.heads):
+            v = verified & (exits == k)
+            dims = (("Exit", head.node),)
+            if v.any():
+                metrics.append(Metric(METRIC_VERIFIED, int(v.sum()), dims))
+                metrics.append(Metric(METRIC_AGREED, int(agreed[v].sum()), dims))
+            info = head.describe(self.monitor.rows)
+            metrics.append(Metric(METRIC_AGREEMENT_LB, info["agreement_lower_bound"], dims, "gauge"))
+            metrics.append(Metric(METRIC_HEAD_ACTIVE, float(head.state != "disabled"), dims, "gauge"))
+        metrics.append(Metric(METRIC_DISAGREEMENT, self.monitor.estimated_disagreement(), (), "gauge"))
+        return metrics
 
     def describe(self) -> dict[str, Any]:
+        model = self.monitor.model
         info: dict[str, Any] = {"mode": "cached", "weights": self.parts.identity.fingerprint}
-        info["exits"] = [{"node": n, "threshold": t} for n, t in zip(self.model.nodes, self.model.thresholds)]
-        info["policy"] = {"modes": self.model.policy, "source": self.policy_source}
+        info["exits"] = [{"node": n, "threshold": t} for n, t in zip(model.nodes, model.thresholds)]
+        info["policy"] = {"modes": model.policy, "source": self.policy_source}
+        info["promise"] = self.spec.certificate
+        info["verification"] = {"fraction": self.parts.config.verify_fraction, **self.monitor.describe()}
         return {**info, **self.parts.traffic.describe()}
 
     def close(self) -> None:
@@ -526,11 +742,15 @@ def _label(data: Any) -> str | None:
     return None if v is None else str(v)
 
 
-def _target(data: Any) -> int | None:
+def _target(data: Any, classes: int) -> int | None:
+    """The class an explanation asks for (form field ``target``), or None for the predicted one."""
     v = _field(data, "target")
-    if v is None:
+    if v is None or (isinstance(v, str) and not v.strip()):
         return None
     try:
-        return int(v)
+        t = int(str(v).strip())
     except (TypeError, ValueError):
-        return None
+        raise RequestError(400, f"target must be a class index from 0 to {classes - 1}, got {str(v)[:40]!r}.") from None
+    if not 0 <= t < classes:
+        raise RequestError(400, f"target must be a class index from 0 to {classes - 1}, got {t}.")
+    return t

@@ -218,12 +218,17 @@ def _request_id(context: Any, idx: int) -> str | None:
 
 def _counter(context: Any, metric: Metric) -> None:
     metrics = getattr(context, "metrics", None)
-    if metrics is None or metric.value == 0:
+    if metrics is None or (metric.value == 0 and metric.kind == "counter"):
         return
     from ts.metrics.dimension import Dimension
+    from ts.metrics.metric_type_enum import MetricTypes
 
     try:
         # A fresh dimensions list per call: TorchServe mutates a default one.
-        metrics.add_counter(metric.name, metric.value, None, [Dimension(k, v) for k, v in metric.dims])
+        dims = [Dimension(k, v) for k, v in metric.dims]
+        if metric.kind == "gauge":
+            metrics.add_metric(metric.name, metric.value, "", None, dims, metric_type=MetricTypes.GAUGE)
+        else:
+            metrics.add_counter(metric.name, metric.value, None, dims)
     except Exception:  # noqa: BLE001 - metrics are best effort
         logger.debug("metric %s not recorded", metric.name, exc_info=True)

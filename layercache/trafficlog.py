@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
+import stat
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +39,11 @@ from layercache.errors import LogError
 logger = logging.getLogger(__name__)
 
 ACT_PREFIX = "act:"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+#: Answered classes kept per row (best first): enough for agreement and top-k answers, and 40 bytes, not 4 KB, for
+#: a 1,000-class model.
+TOP_K = 5
+BODY_KINDS = ("bytes", "text", "json")
 SEGMENT_DIR_NAME = "_segments"
 SEGMENT_GLOB = "seg-*.arrows"
 PART_GLOB = "part-*.parquet"
@@ -61,7 +69,7 @@ def make_schema(act_nodes: Sequence[str]) -> pa.Schema:
             nullable binary column ``act:<node>``, in the given order.
 
     Returns:
-        The schema, with metadata ``{"layercache.schema": "1"}``.
+        The schema, with metadata ``{"layercache.schema": "2"}``.
 
     Raises:
         ValueError: a node name is empty or repeated.
@@ -79,11 +87,18 @@ def make_schema(act_nodes: Sequence[str]) -> pa.Schema:
         pa.field("model_name", pa.string(), nullable=False),
         pa.field("model_version", pa.string(), nullable=False),
         pa.field("weights_fingerprint", pa.string(), nullable=False),
-        pa.field("input", pa.binary(), nullable=False),
+        pa.field("body", pa.binary(), nullable=True),
+        pa.field("body_kind", pa.string(), nullable=True),
+        pa.field("body_field", pa.string(), nullable=True),
+        pa.field("input", pa.binary(), nullable=True),
         pa.field("input_shape", pa.list_(pa.int32()), nullable=False),
-        pa.field("probs", pa.list_(pa.float32()), nullable=False),
+        pa.field("num_classes", pa.int32(), nullable=False),
+        pa.field("top_classes", pa.list_(pa.int32()), nullable=False),
+        pa.field("top_probs", pa.list_(pa.float32()), nullable=False),
         pa.field("prediction", pa.int32(), nullable=False),
         pa.field("exit", pa.string(), nullable=False),
+        pa.field("confidence", pa.float32(), nullable=True),
+        pa.field("backbone_prediction", pa.int32(), nullable=True),
         pa.field("label", pa.string(), nullable=True),
     ]
     fields += [pa.field(ACT_PREFIX + node, pa.binary(), nullable=True) for node in nodes]
@@ -138,6 +153,55 @@ def _string_column(values: Sequence[str | None], n_rows: int, name: str, *, null
     return array
 
 
+@dataclass(frozen=True)
+class Body:
+    """A request body as it reached the handler: the row field it came in, what it is, and its bytes.
+
+    ``kind`` is ``bytes`` (raw bytes, e.g. an image), ``text`` (a string, UTF-8) or ``json`` (a value TorchServe
+    parsed from a JSON request, stored as JSON). :meth:`request` gives the row back to the original ``preprocess``.
+    """
+
+    field: str
+    kind: str
+    data: bytes
+
+    def __post_init__(self) -> None:
+        if self.kind not in BODY_KINDS:
+            raise ValueError(f"body kind {self.kind!r} is not one of {BODY_KINDS}")
+
+    @classmethod
+    def of(cls, row: Any, limit: int) -> Body | None:
+        """The body of a TorchServe row (its ``data`` or ``body`` field), or None when it has none, it is larger
+        than ``limit`` bytes, or it cannot be stored."""
+        if not isinstance(row, Mapping):
+            return None
+        for name in ("data", "body"):
+            value = row.get(name)
+            if value is None:
+                continue
+            if isinstance(value, (bytes, bytearray, memoryview)):
+                body = cls(name, "bytes", bytes(value))
+            elif isinstance(value, str):
+                body = cls(name, "text", value.encode("utf-8"))
+            else:
+                try:
+                    body = cls(name, "json", json.dumps(value, separators=(",", ":")).encode("utf-8"))
+                except (TypeError, ValueError):
+                    return None
+            return body if len(body.data) <= limit else None
+        return None
+
+    def request(self) -> dict[str, Any]:
+        """The row as TorchServe would give it to a handler (bytes as a ``bytearray``)."""
+        if self.kind == "bytes":
+            value: Any = bytearray(self.data)
+        elif self.kind == "text":
+            value = self.data.decode("utf-8")
+        else:
+            value = json.loads(self.data)
+        return {self.field: value}
+
+
 def encode_batch(
     schema: pa.Schema,
     *,
@@ -145,9 +209,14 @@ def encode_batch(
     model_name: str,
     model_version: str,
     weights_fingerprint: str,
-    inputs: np.ndarray,
     probs: np.ndarray,
     exits: Sequence[str],
+    inputs: np.ndarray | None = None,
+    input_shape: Sequence[int] | None = None,
+    bodies: Sequence[Body | None] | None = None,
+    keep_inputs: np.ndarray | None = None,
+    confidence: np.ndarray | None = None,
+    backbone_prediction: np.ndarray | None = None,
     acts: Mapping[str, np.ndarray] | None = None,
     labels: Sequence[str | None] | None = None,
     time: datetime | None = None,
@@ -158,10 +227,16 @@ def encode_batch(
         schema: from :func:`make_schema`.
         request_ids: one id per row; the batch size ``B`` is its length.
         model_name, model_version, weights_fingerprint: the same for every row.
-        inputs: ``(B, *shape)`` preprocessed inputs of any float dtype (a CPU torch tensor works too); stored
-            as float16 C-order bytes, with ``shape`` in ``input_shape``.
-        probs: ``(B, K)`` answered output distribution; stored as float32, ``prediction`` is its argmax.
+        input_shape: the per-request input shape after preprocess (default: that of ``inputs``).
+        probs: ``(B, K)`` answered output distribution; its top :data:`TOP_K` classes are stored, and
+            ``prediction`` is its argmax.
         exits: per row, the node name of the exit taken or ``"backbone"``.
+        bodies: per row the request body (see :class:`Body`), or None where it is not kept.
+        inputs: ``(B, *input_shape)`` preprocessed inputs of any float dtype, stored as float16 C-order bytes for
+            the rows ``keep_inputs`` marks (default: the rows without a body).
+        confidence: ``(B,)`` the answering head's calibrated confidence, NaN for rows the backbone answered.
+        backbone_prediction: ``(B,)`` the backbone's top-1 where it ran to the end (backbone rows, verified hits),
+            ``-1`` elsewhere.
         acts: ``{node: (B, C) pooled activation}``; nodes of the schema missing here are recorded as null.
         labels: per row ground truth or None; None for the whole batch when not given.
         time: when the rows were written (timezone-aware); now in UTC by default.
@@ -174,14 +249,33 @@ def encode_batch(
     """
     request_ids = list(request_ids)
     n_rows = len(request_ids)
-    inputs = np.asarray(inputs)
-    if not np.issubdtype(inputs.dtype, np.floating):
-        raise TypeError(f"inputs must be a float array, got dtype {inputs.dtype}")
-    if inputs.ndim < 1 or inputs.shape[0] != n_rows:
-        raise ValueError(f"inputs have shape {inputs.shape} for {n_rows} request ids; expected ({n_rows}, ...)")
     probs = np.asarray(probs)
     if probs.ndim != 2 or probs.shape[0] != n_rows or probs.shape[1] == 0:
         raise ValueError(f"probs have shape {probs.shape}; expected ({n_rows}, K) with K >= 1")
+    bodies = list(bodies) if bodies is not None else [None] * n_rows
+    if len(bodies) != n_rows:
+        raise ValueError(f"bodies has {len(bodies)} entries for {n_rows} rows; give one per row (None allowed)")
+    if keep_inputs is None:
+        keep_inputs = np.asarray([b is None for b in bodies], dtype=bool)
+    keep_inputs = np.asarray(keep_inputs, dtype=bool).reshape(-1)
+    if keep_inputs.shape[0] != n_rows:
+        raise ValueError(f"keep_inputs has {keep_inputs.shape[0]} entries for {n_rows} rows")
+    if input_shape is None:
+        if inputs is None:
+            raise ValueError("give input_shape= (or inputs=, whose shape it then is)")
+        input_shape = np.asarray(inputs).shape[1:]
+    item_shape = tuple(int(v) for v in input_shape)
+    item_size = int(np.prod(item_shape, dtype=np.int64))
+    if keep_inputs.any():
+        if inputs is None:
+            raise ValueError("rows without a body need their inputs: pass inputs=")
+        inputs = np.asarray(inputs)
+        if not np.issubdtype(inputs.dtype, np.floating):
+            raise TypeError(f"inputs must be a float array, got dtype {inputs.dtype}")
+        if inputs.shape != (n_rows, *item_shape):
+            raise ValueError(
+                f"inputs have shape {inputs.shape} for {n_rows} request ids; expected {(n_rows, *item_shape)}"
+            )
     if time is None:
         time = datetime.now(UTC)
     elif time.tzinfo is None:
@@ -194,12 +288,13 @@ def encode_batch(
             f"act nodes {unknown} are not columns of the schema (it has {nodes}); Hint: pass them to make_schema()"
         )
 
-    item_shape = inputs.shape[1:]
-    item_size = int(np.prod(item_shape, dtype=np.int64))
-    input_f16 = inputs.astype(np.float16, order="C", copy=False).reshape(n_rows, item_size)
     shape_rows = np.broadcast_to(np.asarray(item_shape, dtype=np.int32), (n_rows, len(item_shape)))
     probs_f32 = probs.astype(np.float32, copy=False)
+    k = min(TOP_K, probs_f32.shape[1])
+    top = np.argsort(-probs_f32, axis=1, kind="stable")[:, :k].astype(np.int32)
     time_us = (time - _EPOCH) // timedelta(microseconds=1)
+    conf = None if confidence is None else np.asarray(confidence, dtype=np.float32).reshape(-1)
+    bpred = None if backbone_prediction is None else np.asarray(backbone_prediction, dtype=np.int64).reshape(-1)
 
     columns: dict[str, pa.Array] = {
         "request_id": _string_column(request_ids, n_rows, "request_ids", nullable=False),
@@ -207,11 +302,22 @@ def encode_batch(
         "model_name": _repeat_string(model_name, n_rows),
         "model_version": _repeat_string(model_version, n_rows),
         "weights_fingerprint": _repeat_string(weights_fingerprint, n_rows),
-        "input": _rows_to_binary(input_f16),
+        "body": pa.array([None if b is None else b.data for b in bodies], type=pa.binary()),
+        "body_kind": pa.array([None if b is None else b.kind for b in bodies], type=pa.string()),
+        "body_field": pa.array([None if b is None else b.field for b in bodies], type=pa.string()),
+        "input": _optional_rows(inputs, keep_inputs, item_size),
         "input_shape": _fixed_lists(shape_rows, pa.int32()),
-        "probs": _fixed_lists(probs_f32, pa.float32()),
-        "prediction": pa.array(np.argmax(probs_f32, axis=1).astype(np.int32)),
+        "num_classes": pa.array(np.full(n_rows, probs_f32.shape[1], dtype=np.int32)),
+        "top_classes": _fixed_lists(top, pa.int32()),
+        "top_probs": _fixed_lists(np.take_along_axis(probs_f32, top.astype(np.int64), axis=1), pa.float32()),
+        "prediction": pa.array(top[:, 0]),
         "exit": _string_column(exits, n_rows, "exits", nullable=False),
+        "confidence": pa.nulls(n_rows, pa.float32())
+        if conf is None
+        else pa.array(conf, type=pa.float32(), mask=np.isnan(conf)),
+        "backbone_prediction": pa.nulls(n_rows, pa.int32())
+        if bpred is None
+        else pa.array(bpred.astype(np.int32), type=pa.int32(), mask=bpred < 0),
         "label": (
             pa.nulls(n_rows, pa.string()) if labels is None else _string_column(labels, n_rows, "labels", nullable=True)
         ),
@@ -229,6 +335,18 @@ def encode_batch(
     if missing:
         raise ValueError(f"schema has columns {missing} that encode_batch does not fill; build it with make_schema()")
     return pa.RecordBatch.from_arrays([columns[name] for name in schema.names], schema=schema)
+
+
+def _optional_rows(inputs: np.ndarray | None, keep: np.ndarray, item_size: int) -> pa.Array:
+    """The float16 bytes of the kept rows, null elsewhere."""
+    n_rows = keep.shape[0]
+    if not keep.any():
+        return pa.nulls(n_rows, pa.binary())
+    assert inputs is not None
+    flat = np.asarray(inputs).astype(np.float16, order="C", copy=False).reshape(n_rows, item_size)
+    if keep.all():
+        return _rows_to_binary(flat)
+    return pa.array([flat[i].tobytes() if keep[i] else None for i in range(n_rows)], type=pa.binary())
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
@@ -266,13 +384,12 @@ def _binary_rows(column: pa.ChunkedArray, name: str, dtype: np.dtype) -> np.ndar
     return data.view(dtype).reshape(len(column), length // np.dtype(dtype).itemsize)
 
 
-def decode_inputs(table: pa.Table) -> np.ndarray:
-    """The recorded inputs as an ``(N, *shape)`` float32 array.
+def input_shape_of(table: pa.Table) -> tuple[int, ...]:
+    """The one per-request input shape of the recorded rows.
 
     Raises:
-        LogError: no rows, a null input, or rows of different shapes (the message lists them).
+        LogError: no rows, or rows of different shapes (the message lists them).
     """
-    column = _column(table, "input")
     shapes_col = _column(table, "input_shape")
     if shapes_col.null_count:
         raise LogError(f"{shapes_col.null_count} rows have no input_shape")
@@ -292,10 +409,37 @@ def decode_inputs(table: pa.Table) -> np.ndarray:
             "Hint: filter the table by input_shape (or model_version) before decoding"
         )
     (shape,) = shapes
+    return shape
+
+
+def decode_inputs(table: pa.Table) -> np.ndarray:
+    """The recorded input tensors as an ``(N, *shape)`` float32 array (rows that carry them; see
+    :func:`bodies_of` for the others).
+
+    Raises:
+        LogError: no rows, a row without its input tensor, or rows of different shapes.
+    """
+    shape = input_shape_of(table)
+    column = _column(table, "input")
+    if column.null_count:
+        raise LogError(
+            f"{column.null_count} of {len(column)} rows carry their request body instead of an input tensor. Hint: "
+            "replay them through the archive's preprocess (layercache.build.LoggedInputs)"
+        )
     rows = _binary_rows(column, "input", np.dtype(np.float16))
     if rows.shape[1] != int(np.prod(shape, dtype=np.int64)):
         raise LogError(f"recorded inputs hold {rows.shape[1]} values per row but input_shape is {list(shape)}")
     return rows.astype(np.float32).reshape((len(column), *shape))
+
+
+def bodies_of(table: pa.Table) -> list[Body | None]:
+    """Each row's recorded request body, or None (a row of schema 1, or one whose body was not kept)."""
+    if "body" not in table.column_names:
+        return [None] * table.num_rows
+    data = table.column("body").to_pylist()
+    kinds = table.column("body_kind").to_pylist()
+    fields = table.column("body_field").to_pylist()
+    return [None if d is None else Body(f or "data", k or "bytes", d) for d, k, f in zip(data, kinds, fields)]
 
 
 def decode_acts(table: pa.Table, node: str) -> np.ndarray:
@@ -314,20 +458,33 @@ def decode_acts(table: pa.Table, node: str) -> np.ndarray:
     return _binary_rows(column, name, np.dtype(np.float16)).astype(np.float32)
 
 
-def decode_probs(table: pa.Table) -> np.ndarray:
-    """The recorded output distributions as an ``(N, K)`` float32 array.
+def decode_top(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """The recorded answers' top classes and their probabilities, ``(N, k)`` each, best first (schema 1 rows,
+    which kept the whole distribution, give their top :data:`TOP_K`).
 
     Raises:
-        LogError: no rows, null rows, or rows with different K.
+        LogError: no rows, null rows, or rows with different k.
     """
+    if "top_classes" in table.column_names:
+        names = ("top_classes", "top_probs")
+        arrays = []
+        for name in names:
+            column = _column(table, name)
+            if column.null_count:
+                raise LogError(f"{column.null_count} of {len(column)} rows have no {name!r}")
+            widths = np.unique(pc.list_value_length(column).to_numpy(zero_copy_only=False))
+            if len(widths) != 1:
+                raise LogError(f"recorded {name} have different lengths {widths.tolist()}")
+            flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+            arrays.append(flat.reshape(len(column), int(widths[0])))
+        return arrays[0].astype(np.int64), arrays[1].astype(np.float32)
     column = _column(table, "probs")
-    if column.null_count:
-        raise LogError(f"{column.null_count} of {len(column)} rows have no probs")
     widths = np.unique(pc.list_value_length(column).to_numpy(zero_copy_only=False))
     if len(widths) != 1:
         raise LogError(f"recorded probs have different lengths {widths.tolist()}; rows of several models mixed?")
-    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
-    return flat.astype(np.float32, copy=False).reshape(len(column), int(widths[0]))
+    probs = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), -1)
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :TOP_K]
+    return top.astype(np.int64), np.take_along_axis(probs, top, axis=1)
 
 
 # ---------------------------------------------------------------------------------------------- files on disk
@@ -379,12 +536,14 @@ def read_segment(path: Path) -> pa.Table:
     return pa.Table.from_batches(batches, schema=reader.schema)
 
 
-def _write_parquet(table: pa.Table, target: Path) -> None:
-    """Write ``table`` to ``target`` atomically: a dot-prefixed temp file (ignored by readers), then rename."""
+def _write_parquet(table: pa.Table, target: Path, mode: int = 0o600) -> None:
+    """Write ``table`` to ``target`` atomically (a dot-prefixed temp file, ignored by readers, then a rename), with
+    permissions ``mode`` (the segment's: recorded requests stay as private as the recorder made them)."""
     tmp = target.with_name(f".{target.name}.tmp")
     use_dictionary = [name for name in _DICTIONARY_COLUMNS if name in table.column_names]
     pq.write_table(table, tmp, compression=PARQUET_COMPRESSION, use_dictionary=use_dictionary)
     # fsync so a power cut cannot leave a renamed but empty part after its segment was deleted.
+    os.chmod(tmp, mode)
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -430,7 +589,7 @@ def compact_segment(segment: Path) -> Path | None:
         target = None
         if table.num_rows:
             target = part_path(segment)
-            _write_parquet(table, target)
+            _write_parquet(table, target, stat.S_IMODE(current.st_mode))
         segment.unlink()
         return target
     finally:

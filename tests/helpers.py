@@ -96,3 +96,63 @@ def tiny_archive(
         config=config,
         extra_files=extra_files,
     )
+
+
+SHAPE = (1, 28, 28)
+EXIT_NODE = "block1.1"  # a candidate layer of the tiny classifier
+
+
+def cached_archive(
+    rec: Path,
+    tmp_path: Path,
+    backbone: Any,
+    *,
+    threshold: float,
+    fingerprint: str,
+    sample: Any = None,
+    certified: dict | None = None,
+    log_dir: Path | None = None,
+    version: str = "1.0-cached",
+) -> Path:
+    """A cached archive of the tiny classifier (``rec``: its recording archive) with one seeded, untrained head at
+    ``block1.1`` (temperature 2): ``threshold`` 0 makes it answer every row, mostly wrongly."""
+    import torch
+
+    from layercache.archive import package_cached
+    from layercache.config import CacheSpec, ExitSpec, HandlerConfig
+    from layercache.heads import HeadSpec, build_head
+    from layercache.runtime import heads_state_dict
+
+    torch.manual_seed(1)
+    sample_file = None
+    if sample is not None:
+        sample_file = tmp_path / "sample.pt"
+        torch.save(sample, sample_file)
+    head = build_head(HeadSpec(pool=1), (8, 14, 14), 10)
+    heads = tmp_path / "heads.pt"
+    torch.save(heads_state_dict([head]), heads)
+    spec = CacheSpec(
+        num_classes=10,
+        input_shape=SHAPE,
+        weights_fingerprint=fingerprint,
+        exits=(
+            ExitSpec(
+                node=EXIT_NODE,
+                head=HeadSpec(pool=1).to_dict(),
+                in_shape=(8, 14, 14),
+                temperature=2.0,
+                threshold=threshold,
+                certified=certified or {},
+            ),
+        ),
+    )
+    return package_cached(
+        rec,
+        tmp_path / f"cached-{threshold}-{fingerprint}.mar",
+        spec_json=spec.to_json(),
+        heads_file=heads,
+        handler_config=HandlerConfig(log_dir=str(log_dir or tmp_path / "clogs")),
+        version=version,
+        sample_file=sample_file,
+        force=True,
+    )

@@ -156,7 +156,17 @@ class Traffic:
 
 
 # --------------------------------------------------------------------------------------------------- log helpers
-ROW_COLUMNS = ["request_id", "time", "model_version", "input", "input_shape", "probs", "prediction", "exit"]
+ROW_COLUMNS = [
+    "request_id",
+    "time",
+    "model_version",
+    "body",
+    "input_shape",
+    "top_classes",
+    "top_probs",
+    "prediction",
+    "exit",
+]
 
 
 def rows_by_id(table: Any) -> dict[str, dict[str, Any]]:
@@ -165,23 +175,19 @@ def rows_by_id(table: Any) -> dict[str, dict[str, Any]]:
     return {r["request_id"]: r for r in records}
 
 
-def expected_input(image: np.ndarray) -> np.ndarray:
-    """What the archive's handler makes of a 28x28 uint8 image: grayscale, /255, normalised, shape (1, 28, 28)."""
-    return ((image.astype(np.float32) / 255.0 - MEAN) / STD)[None]
-
-
-def check_rows(answers: Sequence[Answer], rows: dict[str, dict[str, Any]], images: np.ndarray) -> None:
-    """Every 200 prediction has its row, and the row holds that request's image and answer."""
+def check_rows(answers: Sequence[Answer], rows: dict[str, dict[str, Any]], pngs: Sequence[bytes]) -> None:
+    """Every 200 prediction has its row, and the row holds that request's body and answer."""
     missing = [a.request_id for a in answers if a.request_id not in rows]
     assert not missing, f"{len(missing)} of {len(answers)} answered requests have no recorded row: {missing[:5]}"
     for a in answers:
         row = rows[a.request_id]
         assert list(row["input_shape"]) == [1, 28, 28]
-        recorded = np.frombuffer(row["input"], dtype=np.float16).astype(np.float32).reshape(1, 28, 28)
-        np.testing.assert_allclose(recorded, expected_input(images[a.image]), atol=1e-2, err_msg=a.request_id)
+        # The request body as received: the PNG this request sent (the build replays the preprocess on it).
+        assert bytes(row["body"]) == pngs[a.image], a.request_id
         top, answer = a.top_class(), a.json()
         assert CLASS_NAMES[str(row["prediction"])] == top, (a.request_id, row["prediction"], answer)
-        assert row["probs"][row["prediction"]] == pytest.approx(answer[top], abs=1e-4)
+        assert list(row["top_classes"])[0] == row["prediction"]
+        assert row["top_probs"][0] == pytest.approx(answer[top], abs=1e-4)
         assert row["exit"] == a.headers.get(EXIT_HEADER), (a.request_id, row["exit"], a.headers)
 
 
@@ -296,15 +302,23 @@ def bad_batches(served: Served, recorded: Recorded) -> BadBatches:
                 pool.submit(post, served.predict_url, WRONG_SHAPE, image=-1, content_type="application/json")
             )
             bursts.append([f.result() for f in futures])
-            if _batch_row(bursts[-1][6]) > 0:
+            if _batch_row(served, bursts[-1][6]) > 0:
                 break
     return BadBatches(bursts)
 
 
-def _batch_row(answer: Answer) -> int:
-    """The row of its batch that a request failed in preprocessing was (the handler's 400 message says)."""
-    match = re.search(rb"request (\d+) ", answer.body)
-    return int(match.group(1)) if match else -1
+def _batch_row(served: Served, answer: Answer, timeout_s: float = 10.0) -> int:
+    """The row of its batch that a request failed in preprocessing was: the worker logs it (the client's message
+    carries no batch position, which would mean nothing to it)."""
+    log = served.server.workdir / "logs" / "model_log.log"
+    pattern = re.compile(rf"request {re.escape(answer.request_id or '?')} \(batch position (\d+)\)")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:  # the frontend writes the worker's lines a moment later
+        match = pattern.search(log.read_text(errors="replace")) if log.is_file() else None
+        if match:
+            return int(match.group(1))
+        time.sleep(0.2)
+    return -1
 
 
 @dataclass
@@ -433,8 +447,10 @@ def test_recording_survives_a_killed_worker(served: Served, recorded: Recorded) 
     ok = [a for a in answers if a.status == 200]
     failed = [a for a in answers if a.status != 200]
     # TorchServe fails the batch the killed worker held (507 "Worker died."); the other worker answers the rest.
+    # A batch the frontend had just handed to the worker when it died gets no answer at all (TorchServe 0.12
+    # loses it; seen as client timeouts, status -1): that is the frontend's, not layercache's.
     assert len(failed) <= 2 * BATCH_SIZE, f"{len(failed)} failed: {[(a.status, a.body[:80]) for a in failed[:5]]}"
-    assert all(a.status >= 500 for a in failed), [(a.status, a.body[:80]) for a in failed]
+    assert all(a.status >= 500 or a.status == -1 for a in failed), [(a.status, a.body[:80]) for a in failed]
     late = [a for a in answers if a.sent > recorded.kill_time + 0.5]
     assert len(late) >= 50, f"only {len(late)} requests sent after the kill"
     assert all(a.status == 200 for a in late), [(a.status, a.body[:80]) for a in late if a.status != 200]
@@ -453,7 +469,7 @@ def test_recording_survives_a_killed_worker(served: Served, recorded: Recorded) 
     assert not killed_segments and parts, (killed_segments, parts)
 
     rows = rows_by_id(read_logs(served.log_dir, columns=ROW_COLUMNS))
-    check_rows(ok, rows, served.images)
+    check_rows(ok, rows, served.pngs)
     assert {rows[a.request_id]["model_version"] for a in ok} == {VERSION}
     assert {rows[a.request_id]["exit"] for a in ok} == {"backbone"}
 
@@ -484,18 +500,20 @@ def test_bad_input_fails_only_its_own_request(served: Served, recorded: Recorded
         good, not_image, wrong_shape = burst[:6], burst[6], burst[7]
         assert [a.status for a in good] == [200] * 6, [(a.status, a.body[:100]) for a in good]
         assert not_image.status == 400
-        assert b"could not be preprocessed" in not_image.body and b"cannot identify image file" in not_image.body
+        # One sentence the client can act on, no Python internals (those are in the worker log).
+        assert b"could not be read as an input for this model" in not_image.body, not_image.body
+        assert b"Error" not in not_image.body and b"BytesIO" not in not_image.body, not_image.body
         assert wrong_shape.status == 400
-        assert b"input shape [2, 2], the model expects [1, 28, 28]" in wrong_shape.body, wrong_shape.body
-    assert _batch_row(bad_batches.bursts[-1][6]) > 0, "the non-image body never shared a batch with good images"
+        assert b"takes inputs of shape [1, 28, 28] after preprocessing; this request gave [2, 2]" in wrong_shape.body
+    assert _batch_row(served, bad_batches.bursts[-1][6]) > 0, "the non-image body never shared a batch with good images"
 
     rows = rows_by_id(read_logs(served.log_dir, columns=ROW_COLUMNS))
     good = [a for burst in bad_batches.bursts for a in burst[:6]]
-    check_rows(good, rows, served.images)
+    check_rows(good, rows, served.pngs)
     bad_ids = {a.request_id for burst in bad_batches.bursts for a in burst[6:]}
     assert None not in bad_ids and not bad_ids & set(rows), "a failed request was recorded"
     # Nothing recorded before was lost.
-    check_rows([a for a in recorded.answers if a.status == 200], rows, served.images)
+    check_rows([a for a in recorded.answers if a.status == 200], rows, served.pngs)
 
 
 def test_build_writes_report(served: Served, built: Built) -> None:
@@ -534,7 +552,7 @@ def test_swap_to_cached_version_under_traffic(served: Served, swapped: Swapped) 
     # all answered by it.
     cached_log_dir = Path(read_mar(served.store / "fashion_cached.mar").yaml_config["layercache"]["log_dir"])
     rows = rows_by_id(read_logs(cached_log_dir, columns=ROW_COLUMNS))
-    check_rows(after, rows, served.images)
+    check_rows(after, rows, served.pngs)
     assert {rows[a.request_id]["model_version"] for a in after} == {CACHED_VERSION}
     assert any(rows[a.request_id]["exit"] != "backbone" for a in after)
     before = [a for a in predictions if a.done < swapped.swap_started]
@@ -631,7 +649,7 @@ def test_logs_complete_after_stop(
     answered = [a for a in recorded.answers if a.status == 200]
     answered += [a for burst in bad_batches.bursts for a in burst[:6]]
     answered += [a for a in swapped.answers if a.status == 200]
-    check_rows(answered, rows, served.images)
+    check_rows(answered, rows, served.pngs)
     assert not {a.request_id for burst in bad_batches.bursts for a in burst[6:]} & set(rows)
     versions = {r["model_version"] for r in rows.values()}
     assert versions == {VERSION, CACHED_VERSION}

@@ -129,19 +129,21 @@ def test_labels_to_index() -> None:
 
 def test_policy_sample_is_a_few_distinct_logged_rows_within_the_byte_cap(traffic: tuple[pa.Table, np.ndarray]) -> None:
     from layercache.build import policy_sample
+    from layercache.replay import LoggedInputs
 
     table = traffic[0]
     inputs = decode_inputs(table)
-    sample = policy_sample(table, max_rows=4)
+    logged_inputs = LoggedInputs(table)
+    sample = policy_sample(logged_inputs, max_rows=4)
     assert sample.dtype == torch.float16 and sample.shape == (4, *inputs.shape[1:])
     # Every sampled row is a distinct logged input (float16 as logged).
     logged = {r.astype(np.float16).tobytes(): i for i, r in enumerate(inputs)}
     assert len({logged[r.numpy().tobytes()] for r in sample}) == 4
     row_bytes = 2 * int(np.prod(inputs.shape[1:]))
-    assert policy_sample(table, max_bytes=3 * row_bytes).shape[0] == 3
-    assert policy_sample(table, max_bytes=1).shape[0] == 1  # always at least one row
+    assert policy_sample(logged_inputs, max_bytes=3 * row_bytes).shape[0] == 3
+    assert policy_sample(logged_inputs, max_bytes=1).shape[0] == 1  # always at least one row
     with pytest.raises(LogError, match="no logged inputs"):
-        policy_sample(table.slice(0, 0))
+        policy_sample(LoggedInputs(table.slice(0, 0)))
 
 
 def test_pick_trials_spreads_over_the_space_cheapest_first() -> None:

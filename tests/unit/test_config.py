@@ -35,8 +35,12 @@ def test_defaults_without_a_layercache_section() -> None:
         "record",
         None,
         True,
-        True,
+        False,  # the build replays inputs and never reads activations
     )
+    # Safe defaults: bodies, not tensors, are recorded; clients cannot write labels; 2% of hits are verified;
+    # a head that breaks its promise is disabled; the log is readable by the worker's user only.
+    assert (cfg.record_inputs, cfg.record_labels, cfg.verify_fraction, cfg.guard) == (False, False, 0.02, "disable")
+    assert (cfg.log_dir_mode, cfg.log_file_mode, cfg.max_pixels) == ("700", "600", 40_000_000)
     assert (cfg.candidates, cfg.segment_mb, cfg.max_log_gb, cfg.input_shape, cfg.explain_steps) == (
         None,
         64.0,

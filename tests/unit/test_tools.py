@@ -323,7 +323,8 @@ def test_build_cache_policy_is_measured_and_shipped(pipeline: dict[str, Path], t
 def test_bench_device_measures_a_bundle_without_torchserve(pipeline: dict[str, Path], tmp_path: Path) -> None:
     """The GPU benchmark's bundle format, run here on the CPU: answers, latency rows per variant, and a policy."""
     from layercache.config import HEADS_FILE
-    from layercache.trafficlog import decode_inputs
+    from layercache.offline import open_mar
+    from layercache.replay import LoggedInputs
 
     bundle = tmp_path / "bundle"
     bundle.mkdir()
@@ -334,7 +335,9 @@ def test_bench_device_measures_a_bundle_without_torchserve(pipeline: dict[str, P
         (bundle / "backbone.pt").write_bytes(zf.read("fashion_cnn.pt"))
     table = read_logs(pipeline["logs"])
     labels = torch.tensor([int(v) for v in table.column("label").to_pylist()])
-    torch.save({"x": torch.from_numpy(decode_inputs(table)).half(), "labels": labels}, bundle / "eval.pt")
+    original = open_mar(pipeline["mar"], tmp_path / "original")
+    x = LoggedInputs(table, original.preprocess).batch(np.arange(table.num_rows))
+    torch.save({"x": x.half(), "labels": labels}, bundle / "eval.pt")
     (bundle / "bundle.json").write_text(json.dumps({"model_class": "FashionCNN"}))
     out = tmp_path / "out"
     argv = ["--bundle", str(bundle), "--device", "cpu", "--batches", "1,4", "--repeats", "1", "--policy-repeats", "1"]

@@ -19,16 +19,16 @@ import torch
 import torch.nn.functional as F
 from captum.attr import IntegratedGradients
 
-from layercache.archive import package_cached, wrap_for_recording
-from layercache.config import EXIT_HEADER, SAMPLE_FILE, CacheSpec, ExitSpec, HandlerConfig
+from layercache.archive import wrap_for_recording
+from layercache.config import EXIT_HEADER, SAMPLE_FILE, HandlerConfig
 from layercache.errors import ArchiveError
 from layercache.graph import split
-from layercache.heads import HeadSpec, build_head
 from layercache.offline import LoadedMar, open_mar, run_offline
-from layercache.runtime import heads_state_dict, weights_fingerprint
+from layercache.runtime import weights_fingerprint
 from layercache.serving import CachedService, RecordingService
 from layercache.torchserve_adapter import ServiceHandler, load_inner_handler, set_requests
-from layercache.trafficlog import act_nodes_of, decode_inputs, decode_probs, read_logs
+from layercache.trafficlog import act_nodes_of, bodies_of, decode_top, read_logs
+from tests.helpers import cached_archive
 
 MarFactory = Callable[..., Path]
 PngFactory = Callable[..., bytes]
@@ -43,7 +43,7 @@ def mar(tiny_mar: MarFactory) -> Path:
 
 @pytest.fixture
 def rec_mar(mar: Path, tmp_path: Path) -> Path:
-    cfg = HandlerConfig(input_shape=SHAPE, log_dir=str(tmp_path / "logs"))
+    cfg = HandlerConfig(input_shape=SHAPE, log_dir=str(tmp_path / "logs"), record_activations=True)
     return wrap_for_recording(mar, tmp_path / "tiny_rec.mar", handler_config=cfg)
 
 
@@ -89,8 +89,13 @@ def test_bad_rows_get_400_and_the_others_are_answered_and_recorded(
     answers, codes = run_offline(loaded, rows)
     ctx = loaded.context
     assert codes == [400, 200, 400, 200]
-    assert answers[0].startswith("layercache: request 0 could not be preprocessed: UnidentifiedImageError")
-    assert answers[2] == "layercache: request 2 has input shape [1, 20, 20], the model expects [1, 28, 28]"
+    # One sentence the client can act on; no batch position, no exception type (those go to the worker log).
+    assert answers[0] == (
+        "The request body could not be read as an input for this model (an image classifier takes a PNG or JPEG image)."
+    )
+    assert (
+        answers[2] == "This model takes inputs of shape [1, 28, 28] after preprocessing; this request gave [1, 20, 20]."
+    )
     assert ctx.get_response_status(0) == (400, answers[0])
     assert ctx.get_response_status(2) == (400, answers[2])
     expected, x, logits = original_answers(original, [rows[1], rows[3]])
@@ -102,15 +107,21 @@ def test_bad_rows_get_400_and_the_others_are_answered_and_recorded(
     table = read_logs(tmp_path / "logs")
     ids = [ctx.get_request_id(i) for i in range(4)]
     assert table.column("request_id").to_pylist() == [ids[1], ids[3]]
-    assert table.column("label").to_pylist() == ["3", "7"]
+    # A client's "label" field is not recorded: only the operator's offline recording writes labels.
+    assert table.column("label").to_pylist() == [None, None]
     assert table.column("exit").to_pylist() == ["backbone", "backbone"]
     assert table.column("model_name").to_pylist() == ["tiny", "tiny"]
     assert table.column("model_version").to_pylist() == ["1.0", "1.0"]
     assert set(table.column("weights_fingerprint").to_pylist()) == {weights_fingerprint(original.backbone)}
-    assert np.array_equal(decode_inputs(table), x.to(torch.float16).numpy())
+    # Each row keeps its request body as received (not the bigger tensor); the build replays the preprocess.
+    assert [b.request()["data"] for b in bodies_of(table)] == [rows[1]["data"], rows[3]["data"]]
+    assert table.column("input").null_count == 2
     probs = F.softmax(logits, dim=1).numpy()
-    assert np.allclose(decode_probs(table), probs, atol=1e-6)
+    classes, top = decode_top(table)
+    assert np.array_equal(classes, np.argsort(-probs, axis=1, kind="stable")[:, :5])
+    assert np.allclose(top, np.take_along_axis(probs, classes, axis=1), atol=1e-6)
     assert table.column("prediction").to_pylist() == probs.argmax(1).tolist()
+    assert table.column("backbone_prediction").to_pylist() == probs.argmax(1).tolist()
     assert act_nodes_of(table.schema) == ["stem.1", "block1.1"]
 
 
@@ -120,7 +131,9 @@ def test_the_first_batch_sets_the_shape_without_input_shape(mar: Path, tmp_path:
     rows = [{"data": make_png((20, 20))}, {"data": make_png()}, {"data": make_png((20, 20), seed=4)}]
     answers, codes = run_offline(loaded, rows)
     assert codes == [200, 400, 200]
-    assert answers[1] == "layercache: request 1 has input shape [1, 28, 28], the model expects [1, 20, 20]"
+    assert (
+        answers[1] == "This model takes inputs of shape [1, 20, 20] after preprocessing; this request gave [1, 28, 28]."
+    )
     # The shape stays fixed for the worker's lifetime, not just for one batch.
     _, codes = run_offline(loaded, [{"data": make_png()}, {"data": make_png((20, 20), seed=5)}])
     assert codes == [400, 200]
@@ -168,55 +181,12 @@ def test_a_recording_failure_never_fails_a_request(
     assert (info["recorded_rows"], info["record_failed_rows"]) == (0, 6)
 
 
-def _cached_mar(
-    rec: Path,
-    tmp_path: Path,
-    backbone: torch.nn.Module,
-    *,
-    threshold: float,
-    fingerprint: str,
-    sample: torch.Tensor | None = None,
-) -> Path:
-    torch.manual_seed(1)
-    sample_file = None
-    if sample is not None:
-        sample_file = tmp_path / "sample.pt"
-        torch.save(sample, sample_file)
-    head = build_head(HeadSpec(pool=1), (8, 14, 14), 10)
-    heads = tmp_path / "heads.pt"
-    torch.save(heads_state_dict([head]), heads)
-    spec = CacheSpec(
-        num_classes=10,
-        input_shape=SHAPE,
-        weights_fingerprint=fingerprint,
-        exits=(
-            ExitSpec(
-                node=EXIT_NODE,
-                head=HeadSpec(pool=1).to_dict(),
-                in_shape=(8, 14, 14),
-                temperature=2.0,
-                threshold=threshold,
-            ),
-        ),
-    )
-    return package_cached(
-        rec,
-        tmp_path / f"cached-{threshold}-{fingerprint}.mar",
-        spec_json=spec.to_json(),
-        heads_file=heads,
-        handler_config=HandlerConfig(log_dir=str(tmp_path / "clogs")),
-        version="1.0-cached",
-        sample_file=sample_file,
-        force=True,
-    )
-
-
 def test_cached_worker_times_its_policy_at_startup_on_the_shipped_sample(
     rec_mar: Path, original: LoadedMar, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     fp = weights_fingerprint(original.backbone)
     sample = torch.randn(6, *SHAPE).half()
-    cached = _cached_mar(rec_mar, tmp_path, original.backbone, threshold=0.5, fingerprint=fp, sample=sample)
+    cached = cached_archive(rec_mar, tmp_path, original.backbone, threshold=0.5, fingerprint=fp, sample=sample)
     with zipfile.ZipFile(cached) as z:
         assert torch.equal(torch.load(io.BytesIO(z.read(SAMPLE_FILE)), weights_only=True), sample)
 
@@ -232,7 +202,7 @@ def test_cached_worker_times_its_policy_at_startup_on_the_shipped_sample(
         assert loaded.handler.service.policy_source == "default" and loaded.handler.service.model.policy == {}
 
     # A sample the model cannot run (here: the wrong shape) leaves the stored policy; the worker still serves.
-    bad = _cached_mar(
+    bad = cached_archive(
         rec_mar, tmp_path, original.backbone, threshold=0.5, fingerprint=fp, sample=torch.zeros(2, 3, 5, 5).half()
     )
     with caplog.at_level(logging.ERROR):
@@ -240,7 +210,7 @@ def test_cached_worker_times_its_policy_at_startup_on_the_shipped_sample(
     assert loaded.handler.service.policy_source == "default" and "timing the policy at startup failed" in caplog.text
 
     # An archive without a sample falls back to the stored policy and says why.
-    old = _cached_mar(rec_mar, tmp_path, original.backbone, threshold=0.5, fingerprint=fp)
+    old = cached_archive(rec_mar, tmp_path, original.backbone, threshold=0.5, fingerprint=fp)
     with caplog.at_level(logging.WARNING):
         loaded = open_mar(old, tmp_path / "old", as_served=True, handler_overrides={"policy_source": "startup"})
     assert loaded.handler.service.policy_source == "default"
@@ -251,7 +221,7 @@ def test_cached_archive_answers_from_the_head_with_the_exit_header(
     rec_mar: Path, original: LoadedMar, tmp_path: Path, make_png: PngFactory
 ) -> None:
     backbone = original.backbone
-    cached = _cached_mar(rec_mar, tmp_path, backbone, threshold=0.0, fingerprint=weights_fingerprint(backbone))
+    cached = cached_archive(rec_mar, tmp_path, backbone, threshold=0.0, fingerprint=weights_fingerprint(backbone))
     loaded = open_mar(cached, tmp_path / "served", as_served=True)
     assert type(loaded.handler).__name__ == "LayercacheCachedHandler"
     rows = [{"data": make_png(seed=i)} for i in range(3)] + [{"data": b"junk"}]
@@ -272,7 +242,7 @@ def test_cached_archive_answers_from_the_head_with_the_exit_header(
 
 
 def test_cached_archive_refuses_other_backbone_weights(rec_mar: Path, original: LoadedMar, tmp_path: Path) -> None:
-    cached = _cached_mar(rec_mar, tmp_path, original.backbone, threshold=0.5, fingerprint="0000000000000000")
+    cached = cached_archive(rec_mar, tmp_path, original.backbone, threshold=0.5, fingerprint="0000000000000000")
     with pytest.raises(ArchiveError, match=r"built for backbone weights 0000000000000000.*Hint: rebuild the cache"):
         open_mar(cached, tmp_path / "served", as_served=True)
 
@@ -286,3 +256,17 @@ def test_load_inner_handler_errors(tmp_path: Path) -> None:
     with pytest.raises(ArchiveError, match=r"must define exactly one class .*found \['A', 'B'\]"):
         load_inner_handler("two_classes.py", tmp_path)
     assert type(load_inner_handler("image_classifier", tmp_path)).__name__ == "ImageClassifier"
+
+
+def test_labels_are_recorded_only_when_the_settings_allow_it(
+    rec_mar: Path, tmp_path: Path, make_png: PngFactory
+) -> None:
+    loaded = open_mar(
+        rec_mar,
+        tmp_path / "served",
+        as_served=True,
+        handler_overrides={"record_labels": True, "log_dir": str(tmp_path / "labelled")},
+    )
+    run_offline(loaded, [{"data": make_png(seed=1), "label": "3"}, {"data": make_png(seed=2), "label": b"7"}])
+    loaded.close()
+    assert read_logs(tmp_path / "labelled").column("label").to_pylist() == ["3", "7"]

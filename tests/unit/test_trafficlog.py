@@ -73,19 +73,27 @@ def test_make_schema_columns_and_metadata() -> None:
         "model_name",
         "model_version",
         "weights_fingerprint",
+        "body",
+        "body_kind",
+        "body_field",
         "input",
         "input_shape",
-        "probs",
+        "num_classes",
+        "top_classes",
+        "top_probs",
         "prediction",
         "exit",
+        "confidence",
+        "backbone_prediction",
         "label",
         "act:layer1.0.relu_1",
         "act:layer2.1.relu_1",
     ]
-    assert schema.metadata == {b"layercache.schema": b"1"}
+    assert schema.metadata == {b"layercache.schema": b"2"}
     assert schema.field("time").type == pa.timestamp("us", tz="UTC")
     assert schema.field("input_shape").type == pa.list_(pa.int32())
-    assert schema.field("probs").type == pa.list_(pa.float32())
+    assert schema.field("top_probs").type == pa.list_(pa.float32())
+    assert schema.field("input").nullable and schema.field("body").nullable
     assert schema.field("act:layer2.1.relu_1").nullable
     assert schema.field("label").nullable
     assert logs.act_nodes_of(schema) == NODES
@@ -127,7 +135,11 @@ def test_encode_decode_round_trip() -> None:
     np.testing.assert_allclose(decoded, inputs, rtol=1e-3, atol=1e-4)  # float16 rounding
     np.testing.assert_array_equal(decoded, inputs.astype(np.float16).astype(np.float32))
     assert table["input_shape"].to_pylist() == [[3, 4, 6]] * 5
-    np.testing.assert_array_equal(logs.decode_probs(table), probs)
+    classes, top = logs.decode_top(table)
+    assert classes.shape == (5, 5) and np.array_equal(classes[:, 0], probs.argmax(axis=1))
+    np.testing.assert_array_equal(top, np.take_along_axis(probs, classes, axis=1))
+    assert (np.diff(top, axis=1) <= 0).all()  # best first
+    assert table["num_classes"].to_pylist() == [7] * 5
     assert table["prediction"].to_pylist() == probs.argmax(axis=1).tolist()
     assert table["prediction"].type == pa.int32()
     np.testing.assert_allclose(logs.decode_acts(table, NODES[0]), act, rtol=1e-3)
@@ -222,14 +234,15 @@ def test_decode_works_on_sliced_multi_chunk_tables() -> None:
     part = full.slice(3, 6)  # crosses chunk boundaries and starts at an offset
     assert part["input"].num_chunks == 3
     np.testing.assert_array_equal(logs.decode_inputs(part), logs.decode_inputs(full)[3:9])
-    np.testing.assert_array_equal(logs.decode_probs(part), logs.decode_probs(full)[3:9])
+    for got, want in zip(logs.decode_top(part), logs.decode_top(full), strict=True):
+        np.testing.assert_array_equal(got, want[3:9])
     np.testing.assert_array_equal(logs.decode_acts(part, NODES[0]), logs.decode_acts(full, NODES[0])[3:9])
 
 
 def test_decode_empty_table_raises() -> None:
     empty = logs.make_schema(NODES).empty_table()
     with pytest.raises(LogError, match="no rows"):
-        logs.decode_probs(empty)
+        logs.decode_top(empty)
 
 
 # ----------------------------------------------------------------------------------------------- segments
@@ -290,7 +303,7 @@ def test_compact_converts_orphans_and_readers_see_every_row(tmp_path: Path) -> N
     assert list(logs.segment_dir(tmp_path).iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["_segments", "part-seg-a.parquet", "part-seg-b.parquet"]
     assert pq.ParquetFile(written[0]).metadata.row_group(0).column(0).compression == "ZSTD"
-    assert pq.read_schema(tmp_path / "part-seg-a.parquet").metadata[b"layercache.schema"] == b"1"
+    assert pq.read_schema(tmp_path / "part-seg-a.parquet").metadata[b"layercache.schema"] == b"2"
     expected = {"a-0", "a-1", "a-2", "b0-0", "b0-1", "b1-0", "b1-1"}
     assert set(pd.read_parquet(tmp_path)["request_id"]) == expected
     assert set(ds.dataset(tmp_path, format="parquet").to_table()["request_id"].to_pylist()) == expected
@@ -399,3 +412,39 @@ def test_read_logs_errors_name_the_dir(tmp_path: Path) -> None:
         logs.read_logs(tmp_path)
     with pytest.raises(LogError, match="does not exist"):
         logs.read_logs(tmp_path / "missing")
+
+
+def test_bodies_are_kept_as_received_and_replay_as_the_rows_torchserve_gives() -> None:
+    schema = logs.make_schema([])
+    png, text, parsed = b"\x89PNG...", "a string body", [[0.5, 0.5], [0.25, 1.0]]
+    bodies = [
+        logs.Body.of({"data": bytearray(png)}, limit=1024),
+        logs.Body.of({"body": text}, limit=1024),
+        logs.Body.of({"body": parsed}, limit=1024),  # TorchServe parsed a JSON request
+        logs.Body.of({"data": b"x" * 2000}, limit=1024),  # over the cap: not kept, its input tensor is
+    ]
+    assert bodies[3] is None
+    inputs = np.arange(4 * 2, dtype=np.float32).reshape(4, 2)
+    batch = logs.encode_batch(
+        schema,
+        request_ids=["a", "b", "c", "d"],
+        model_name="m",
+        model_version="1",
+        weights_fingerprint="f",
+        inputs=inputs,
+        probs=np.eye(4)[[0, 1, 2, 3]],
+        exits=["backbone"] * 4,
+        bodies=bodies,
+        confidence=np.array([np.nan, 0.9, np.nan, 0.7]),
+        backbone_prediction=np.array([0, -1, 2, 3]),
+    )
+    table = pa.Table.from_batches([batch])
+    back = logs.bodies_of(table)
+    assert back[0].request() == {"data": bytearray(png)} and isinstance(back[0].request()["data"], bytearray)
+    assert back[1].request() == {"body": text} and back[2].request() == {"body": parsed}
+    assert back[3] is None
+    # Only the row without a body carries its tensor.
+    assert table["input"].is_valid().to_pylist() == [False, False, False, True]
+    assert table["input"][3].as_py() == inputs[3].astype(np.float16).tobytes()
+    assert table["confidence"].to_pylist() == [None, pytest.approx(0.9), None, pytest.approx(0.7)]
+    assert table["backbone_prediction"].to_pylist() == [0, None, 2, 3]
