@@ -35,6 +35,7 @@ setup(
             "layercache-record=layercache.cli.record:main",
             "layercache-build=layercache.cli.build:main",
             "layercache-swap=layercache.cli.swap:main",
+            "layercache-refresh=layercache.cli.refresh:main",
         ]
     },
 )

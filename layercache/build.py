@@ -150,6 +150,8 @@ class BuildResult:
     candidates: list[CandidateResult]
     selection: Selection
     report: dict[str, Any]
+    #: Positions in the logged table of the rows the cascade was certified on (never trained or calibrated on).
+    certify_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 Progress = Callable[[Iterable[T], str], Iterable[T]]
@@ -690,7 +692,12 @@ def finalize(
     report["promise"] = certificate.to_dict()
     report["build_seconds"] = round(state.seconds, 1)
     return BuildResult(
-        spec=spec, heads=[r.head for r in chosen], candidates=state.results, selection=selection, report=report
+        spec=spec,
+        heads=[r.head for r in chosen],
+        candidates=state.results,
+        selection=selection,
+        report=report,
+        certify_rows=te,
     )
 
 

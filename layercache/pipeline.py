@@ -20,9 +20,12 @@ import resource
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import torch
 
 from layercache.archive import package_cached, read_mar
@@ -89,6 +92,8 @@ class BuildOutcome:
     version: str
     spec: CacheSpec
     report: dict[str, Any]
+    #: Request ids of the logged rows the cache was certified on (it never trained on them).
+    certify_ids: tuple[str, ...] = ()
 
 
 def build_cached_archive(request: BuildRequest, *, progress: Progress = no_progress) -> BuildOutcome:
@@ -121,7 +126,8 @@ def build_cached_archive(request: BuildRequest, *, progress: Progress = no_progr
         sample = policy_sample(LoggedInputs(table, loaded.preprocess), seed=request.config.seed)
         sample_file = Path(tmp) / "sample.pt"
         torch.save(sample, sample_file)
-        spec = result.spec
+        spec = dataclasses.replace(result.spec, provenance=provenance(table, request.logs, result.report))
+        result.report["provenance"] = spec.provenance
         if request.measure_policy and spec.exits:
             model = CachedModel.from_spec(backbone, spec, heads_state_dict(result.heads))
             spec = dataclasses.replace(spec, policy=measure_policy(model, sample))
@@ -158,7 +164,24 @@ def build_cached_archive(request: BuildRequest, *, progress: Progress = no_progr
         100 * report["agreement"],
         report["build_seconds_total"],
     )
-    return BuildOutcome(Path(request.output), version, spec, report)
+    ids = tuple(table.column("request_id").take(pa.array(result.certify_rows)).to_pylist())
+    return BuildOutcome(Path(request.output), version, spec, report, ids)
+
+
+def provenance(table: Any, logs: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """What a build used, kept in the cache so that ``build_cache.py --check`` can tell when it went stale: the
+    logged rows (how many, their time range), the log dir, the backbone's weights, when it was built."""
+    import pyarrow.compute as pc
+
+    times = pc.min_max(table.column("time"))
+    return {
+        "rows": table.num_rows,
+        "time_min": times["min"].as_py().isoformat(),
+        "time_max": times["max"].as_py().isoformat(),
+        "log_dir": str(Path(logs).resolve()),
+        "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "tolerance": report["tolerance"],
+    }
 
 
 def _read(logs: Path, max_rows: int | None) -> Any:
@@ -166,7 +189,11 @@ def _read(logs: Path, max_rows: int | None) -> Any:
     if compacted:
         logger.info("compacted %d finished log segments to Parquet", len(compacted))
     table = read_logs(logs)
-    return table if max_rows is None else table.slice(0, max_rows)
+    if max_rows is None or table.num_rows <= max_rows:
+        return table
+    # The newest rows: a cache should follow the traffic as it is now.
+    order = np.argsort(table.column("time").to_numpy(), kind="stable")
+    return table.take(pa.array(np.sort(order[-max_rows:])))
 
 
 @dataclass(frozen=True)

@@ -68,8 +68,11 @@ def tiny_archive(
     handler: str = "custom",
     config: dict[str, Any] | None = None,
     extra_files: list[Path] | None = None,
+    seed: int = 0,
+    version: str = "1.0",
 ) -> Path:
-    """Archive the tiny classifier (seeded weights) with the stock (``handler=<name>``) or the tiny custom handler."""
+    """Archive the tiny classifier (weights seeded by ``seed``) with the stock (``handler=<name>``) or the tiny
+    custom handler."""
     import torch
 
     from layercache.archive import archive_classifier
@@ -78,7 +81,7 @@ def tiny_archive(
     src.mkdir(parents=True, exist_ok=True)
     model_file = src / "tiny_model.py"
     model_file.write_text(TINY_MODEL)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     weights = src / "tiny_model.pt"
     torch.save(load_class(model_file, "TinyNet")().state_dict(), weights)
     if handler == "custom":
@@ -88,11 +91,11 @@ def tiny_archive(
         handler_path = handler
     return archive_classifier(
         model_name=name,
-        version="1.0",
+        version=version,
         model_file=model_file,
         weights=weights,
         handler=handler_path,
-        output=out / f"{name}.mar",
+        output=out / f"{name}-{version}-{seed}.mar",
         config=config,
         extra_files=extra_files,
     )
@@ -113,6 +116,9 @@ def cached_archive(
     certified: dict | None = None,
     log_dir: Path | None = None,
     version: str = "1.0-cached",
+    provenance: dict | None = None,
+    tolerance: float = 0.01,
+    handler: dict | None = None,
 ) -> Path:
     """A cached archive of the tiny classifier (``rec``: its recording archive) with one seeded, untrained head at
     ``block1.1`` (temperature 2): ``threshold`` 0 makes it answer every row, mostly wrongly."""
@@ -135,6 +141,8 @@ def cached_archive(
         num_classes=10,
         input_shape=SHAPE,
         weights_fingerprint=fingerprint,
+        tolerance=tolerance,
+        provenance=provenance or {},
         exits=(
             ExitSpec(
                 node=EXIT_NODE,
@@ -148,10 +156,10 @@ def cached_archive(
     )
     return package_cached(
         rec,
-        tmp_path / f"cached-{threshold}-{fingerprint}.mar",
+        tmp_path / f"cached-{threshold}-{fingerprint}-{version}.mar",
         spec_json=spec.to_json(),
         heads_file=heads,
-        handler_config=HandlerConfig(log_dir=str(log_dir or tmp_path / "clogs")),
+        handler_config=HandlerConfig(log_dir=str(log_dir or tmp_path / "clogs"), **(handler or {})),
         version=version,
         sample_file=sample_file,
         force=True,

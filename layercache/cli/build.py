@@ -23,15 +23,19 @@ from layercache.config import POLICY_SOURCES
 from layercache.errors import ConfigError
 from layercache.pipeline import BuildRequest, build_cached_archive, list_layers
 from layercache.progress import progress
+from layercache.refresh import NEW_FRACTION, check_cache
 from layercache.training import TrainConfig
 
 logger = logging.getLogger("layercache.build")
+#: Exit status of --check for a stale cache (0 fresh, 1 error, 2 usage).
+STALE = 3
 
 EPILOG = """examples:
   python tools/build_cache.py --mar model-store/fashion.mar --logs logs/fashion --tolerance 0.01 \\
       -o model-store/fashion_cached.mar --report reports/fashion
   python tools/build_cache.py --mar model.mar --logs logs/m --cost latency --version 2.0 -o m_cached.mar --report r/
   python tools/build_cache.py --mar model.mar --logs logs/m --list-layers
+  python tools/build_cache.py --check --mar model-store/fashion_cached.mar --logs logs/fashion   # 0 fresh, 3 stale
 """
 
 
@@ -108,6 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--layers", default=None, help="comma-separated candidate fx node names (default: automatic)")
     p.add_argument("--list-layers", action="store_true", help="print the candidate and all cuttable layers, then exit")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="do not build: say whether the cached archive --mar is stale against --logs (new traffic, a changed "
+        "backbone, verified answers below the promise); exit status 0 fresh, 3 stale",
+    )
+    p.add_argument(
+        "--new-fraction",
+        type=float,
+        default=NEW_FRACTION,
+        help="with --check: share of logged requests newer than the build that makes it stale "
+        f"(default: {NEW_FRACTION})",
+    )
     p.add_argument("--trials", type=int, default=4, help="head architectures tried per layer (default: 4)")
     p.add_argument("--epochs", type=int, default=20, help="max training epochs per head, early stopped (default: 20)")
     p.add_argument(
@@ -132,10 +149,16 @@ class BuildArgs:
     request: BuildRequest | None
     mar: Path
     logs: Path
+    check: bool = False
+    new_fraction: float = NEW_FRACTION
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[BuildArgs, argparse.Namespace]:
     ns = parser.parse_args(argv)
+    if ns.check:
+        if not 0 < ns.new_fraction <= 1:
+            parser.error(f"--new-fraction {ns.new_fraction} must be in (0, 1]")
+        return BuildArgs(None, ns.mar, ns.logs, check=True, new_fraction=ns.new_fraction), ns
     if not ns.list_layers and ns.output is None:
         parser.error("-o/--output is required (the cached .mar to write)")
     if ns.output is not None and ns.output.exists() and not ns.force:
@@ -187,7 +210,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.device != "cpu":
         logger.warning("--device %s: the build runs on the CPU in this version", ns.device)
     request = args.request
-    if request is None:
+    if args.check:
+
+        def call() -> int:
+            found = check_cache(args.mar, args.logs, new_fraction=args.new_fraction)
+            sys.stdout.write(found.text())
+            return STALE if found.stale else 0
+
+    elif request is None:
 
         def call() -> None:
             sys.stdout.write(list_layers(args.mar, args.logs).text())
