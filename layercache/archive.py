@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -21,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from layercache.config import CACHE_SPEC_FILE, HEADS_FILE, SAMPLE_FILE, YAML_SECTION, HandlerConfig
+from layercache.config import CACHE_SPEC_FILE, HEADS_FILE, MANIFEST_FILE, SAMPLE_FILE, YAML_SECTION, HandlerConfig
 from layercache.errors import ArchiveError
 
 logger = logging.getLogger(__name__)
@@ -287,6 +288,15 @@ def package_cached(
             yaml_config = {k: v for k, v in info.yaml_config.items() if k != YAML_SECTION}
             info = dataclasses.replace(info, handler=info.inner_handler, yaml_config=yaml_config)
         cfg = dataclasses.replace(handler_config, inner_handler=info.inner_handler, mode="cached")
+        extra = {CACHE_SPEC_FILE: spec_path, HEADS_FILE: Path(heads_file)}
+        if sample_file is not None:
+            extra[SAMPLE_FILE] = Path(sample_file)
+        files = dict(extra)
+        if info.serialized_file:
+            files[info.serialized_file] = src / info.serialized_file  # the backbone's weights too
+        manifest_path = Path(tmp) / MANIFEST_FILE
+        manifest_path.write_text(json.dumps({name: _sha256(path) for name, path in sorted(files.items())}, indent=2))
+        extra[MANIFEST_FILE] = manifest_path
         return package(
             source_dir=src,
             info=info,
@@ -294,13 +304,41 @@ def package_cached(
             handler_config=cfg,
             output=output,
             version=version,
-            extra={
-                CACHE_SPEC_FILE: spec_path,
-                HEADS_FILE: heads_file,
-                **({SAMPLE_FILE: sample_file} if sample_file is not None else {}),
-            },
+            extra=extra,
             force=force,
         )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_manifest(model_dir: Path) -> None:
+    """Check the files a cached archive's build wrote against their SHA-256 sums (``layercache_manifest.json``).
+
+    Raises:
+        ArchiveError: a file is missing or differs (one line: which, and "rebuild the cache").
+    """
+    manifest = Path(model_dir) / MANIFEST_FILE
+    if not manifest.is_file():
+        logger.warning("%s has no %s (built before 0.2): its files are not verified", model_dir, MANIFEST_FILE)
+        return
+    try:
+        sums = json.loads(manifest.read_text())
+    except ValueError as exc:
+        raise ArchiveError(f"the cached archive is damaged ({MANIFEST_FILE} is not JSON): rebuild the cache") from exc
+    for name, expected in sums.items():
+        path = Path(model_dir) / name
+        if not path.is_file():
+            raise ArchiveError(f"the cached archive is damaged ({name} is missing): rebuild the cache")
+        if _sha256(path) != expected:
+            raise ArchiveError(
+                f"the cached archive is damaged ({name} differs from what the build wrote): rebuild the cache"
+            )
 
 
 def archive_classifier(

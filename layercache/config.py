@@ -24,6 +24,8 @@ T = TypeVar("T")
 CACHE_SPEC_FILE = "layercache_cache.json"
 HEADS_FILE = "layercache_heads.pt"
 SAMPLE_FILE = "layercache_sample.pt"
+#: SHA-256 of the files a build put in a cached archive, checked when a worker loads it.
+MANIFEST_FILE = "layercache_manifest.json"
 YAML_SECTION = "layercache"
 LOG_DIR_ENV = "LAYERCACHE_LOG_DIR"
 #: Response header naming the exit that answered a prediction (a head's fx node name, or ``backbone``).

@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import nn
 
+from layercache.archive import verify_manifest
 from layercache.config import EXIT_HEADER, HandlerConfig
 from layercache.errors import ArchiveError
 from layercache.runtime import weights_fingerprint
@@ -119,6 +120,8 @@ class ServiceHandler:
         model_dir = Path(context.system_properties["model_dir"])
         if str(model_dir) not in sys.path:
             sys.path.insert(0, str(model_dir))
+        if config.mode == "cached":
+            verify_manifest(model_dir)  # before anything loads a file the build wrote
         inner = load_inner_handler(config.inner_handler, model_dir)
         inner.initialize(context)
         backbone = getattr(inner, "model", None)

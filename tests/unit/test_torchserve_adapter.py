@@ -270,3 +270,28 @@ def test_labels_are_recorded_only_when_the_settings_allow_it(
     run_offline(loaded, [{"data": make_png(seed=1), "label": "3"}, {"data": make_png(seed=2), "label": b"7"}])
     loaded.close()
     assert read_logs(tmp_path / "labelled").column("label").to_pylist() == ["3", "7"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_damaged_cached_archive_fails_in_one_line_that_says_rebuild(
+    rec_mar: Path, original: LoadedMar, tmp_path: Path, damage: str
+) -> None:
+    from layercache.config import HEADS_FILE
+
+    fp = weights_fingerprint(original.backbone)
+    good = cached_archive(rec_mar, tmp_path, original.backbone, threshold=0.5, fingerprint=fp)
+    bad = tmp_path / f"{damage}.mar"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == HEADS_FILE:
+                if damage == "missing":
+                    continue
+                data = data[: len(data) // 2]
+            dst.writestr(item, data)
+    word = "is missing" if damage == "missing" else "differs from what the build wrote"
+    with pytest.raises(
+        ArchiveError, match=rf"^the cached archive is damaged \({HEADS_FILE} {word}\): rebuild the cache$"
+    ):
+        open_mar(bad, tmp_path / "served", as_served=True)
+    open_mar(good, tmp_path / "fine", as_served=True)  # the intact archive loads
