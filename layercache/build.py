@@ -634,6 +634,30 @@ def _exit_bounds(test: list[HeadEval], selection: Selection, backbone_pred: np.n
     return out
 
 
+def _warn_uncertified(config: BuildConfig, certificate: Certificate, any_head: bool) -> None:
+    """Say why the cache keeps the plain model, and how many logged requests would change that."""
+    # Even a cascade that never disagrees needs this many requests for its certification rows to vouch for it.
+    floor = requests_needed(0.0, config.tolerance, config.delta, config.splits[2])
+    if not any_head:
+        why = "no head agreed with the backbone more often than always answering its most frequent class"
+    else:
+        why = f"no cascade could be certified with {certificate.rows} certification rows"
+    if floor and certificate.rows < math.ceil(floor * config.splits[2]):
+        advice = (
+            f"a cache at tolerance {config.tolerance:g} (delta {config.delta:g}) needs at least {floor} logged "
+            f"requests, so that its {config.splits[2]:.0%} certification rows can vouch for it; record more traffic "
+            "or raise --tolerance"
+        )
+    elif certificate.requests_needed:
+        advice = (
+            f"about {certificate.requests_needed} logged requests would certify the most conservative cascade at "
+            "its observed disagreement; record more traffic or raise --tolerance"
+        )
+    else:
+        advice = "even the most conservative cascade disagrees too often: raise --tolerance"
+    logger.warning("%s: the cache keeps the plain model; %s", why, advice)
+
+
 def finalize(
     state: SearchState, tolerance: float | None = None, *, rule: str | None = None, delta: float | None = None
 ) -> BuildResult:
@@ -647,19 +671,8 @@ def finalize(
     kept = state.kept
     choose = _certified if config.rule == "certified" else _per_head
     val, test, selection, certificate = choose(state, config, kept)
-    if config.rule == "certified" and kept and not certificate.passed:
-        needed = certificate.requests_needed
-        logger.warning(
-            "no cascade could be certified at tolerance %g with %d certification rows (delta %g): the cache keeps "
-            "the plain model. %s",
-            config.tolerance,
-            certificate.rows,
-            config.delta,
-            f"About {needed} logged requests would certify the most conservative cascade at its observed "
-            "disagreement; record more traffic or raise --tolerance"
-            if needed
-            else "Even the most conservative cascade disagrees too often: raise --tolerance",
-        )
+    if config.rule == "certified" and not certificate.passed:
+        _warn_uncertified(config, certificate, bool(kept))
     for r, v, t in zip(kept, val, test, strict=True):
         r.val_eval, r.test_eval = v, t
         conf_te, hp_te = r.scores["test"]

@@ -29,7 +29,7 @@ from layercache.build import (
     search,
     split_indices,
 )
-from layercache.certify import clopper_pearson_upper
+from layercache.certify import clopper_pearson_upper, requests_needed, rows_needed
 from layercache.errors import ConfigError, LogError
 from layercache.graph import count_flops
 from layercache.heads import search_space
@@ -289,4 +289,19 @@ def test_the_certified_rule_states_its_promise_and_keeps_it_on_the_test_split(
         low = finalize(state, floor * 0.9)
     assert low.spec.exits == () and not low.report["promise"]["passed"]
     assert low.report["promise"]["requests_needed"] > ROWS
-    assert "no cascade could be certified" in caplog.text and "logged requests would certify" in caplog.text
+    assert "no cascade could be certified" in caplog.text and "logged requests, so that its 30% certification" in (
+        caplog.text
+    )
+
+
+def test_a_tiny_log_says_how_many_requests_a_cache_needs(caplog: pytest.LogCaptureFixture) -> None:
+    """50 logged rows used to give a cache with no exits and no word of why."""
+    table, _ = make_table(50, seed=3)
+    with caplog.at_level(logging.WARNING, logger="layercache.build"):
+        result = build_cache(make_backbone(), table, CONFIG)
+    assert result.spec.exits == ()
+    # 15 certification rows cannot vouch for any cache at tolerance 0.1: 97 requests are needed (29 certifying).
+    assert rows_needed(0.0, 0.1, 0.05) == 29 and requests_needed(0.0, 0.1, 0.05, 0.3) == 97
+    assert "the cache keeps the plain model; a cache at tolerance 0.1 (delta 0.05) needs at least 97 logged" in (
+        caplog.text
+    )
