@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -29,7 +31,7 @@ from layercache.errors import ConfigError, LogError
 from layercache.graph import Candidate, describe_nodes, find_candidates, split
 from layercache.heads import HeadSpec, build_head, head_flops, search_space
 from layercache.outputs import OutputSpec
-from layercache.replay import LoggedInputs, replay
+from layercache.replay import ActivationStore, LoggedInputs, replay
 from layercache.runtime import weights_fingerprint
 from layercache.selection import (
     HeadEval,
@@ -315,7 +317,8 @@ def search_candidate(
     tr, va, _ = idx
     res = CandidateResult(candidate=cand)
     space = affordable_space(cand, num_classes, config)
-    x_tr, x_va = x[tr].float(), x[va].float()
+    # float16 as replayed: the trainer converts each mini-batch (half the memory of a float32 copy).
+    x_tr, x_va = x[tr], x[va]
     p_tr, p_va = targets[tr], targets[va]
     pred_va = backbone_pred[va].numpy()
     chance = max(1.0 / num_classes, float(np.bincount(pred_va, minlength=num_classes).max() / len(pred_va)))
@@ -432,8 +435,16 @@ def search(
         )
     nodes = [c.node for c in cands]
     logger.info("candidate layers: %s", ", ".join(nodes) or "(none)")
-    acts, logits, output = replay(
-        backbone, inputs, nodes, max_spatial=config.max_spatial, batch_size=config.replay_batch, progress=progress
+    workdir = tempfile.TemporaryDirectory(prefix="layercache-acts-")
+    store = ActivationStore(Path(workdir.name))
+    _, logits, output = replay(
+        backbone,
+        inputs,
+        nodes,
+        max_spatial=config.max_spatial,
+        batch_size=config.replay_batch,
+        progress=progress,
+        store=store,
     )
     targets = output.probs(logits)
     backbone_pred = logits.argmax(dim=1)
@@ -445,11 +456,12 @@ def search(
     _, va, te = idx
 
     def one(cand: Candidate) -> CandidateResult:
-        res = search_candidate(cand, acts[cand.node], targets, backbone_pred, idx, int(logits.shape[1]), config)
+        x = store.load(cand.node)  # this layer's rows only: peak memory is the layers training at once
+        res = search_candidate(cand, x, targets, backbone_pred, idx, int(logits.shape[1]), config)
         if res.head is not None:
             for name, rows in (("val", va), ("test", te)):
-                res.scores[name] = confidences(predict_logits(res.head, acts[cand.node][rows].float()), res.temperature)
-        del acts[cand.node]  # free as we go: peak memory is the replayed activations, not the training
+                res.scores[name] = confidences(predict_logits(res.head, x[rows]), res.temperature)
+        store.drop(cand.node)
         return res
 
     # Small heads train fastest on one thread each; candidates train side by side on the other cores.
@@ -461,6 +473,8 @@ def search(
             results: list[CandidateResult] = list(progress(pool.map(one, cands), "heads"))
     finally:
         torch.set_num_threads(threads)
+        store.close()
+        workdir.cleanup()
     kept = [r for r in results if r.head is not None]
     latency = None
     if config.cost == "latency" and kept:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -33,7 +34,7 @@ from layercache.trafficlog import bodies_of, decode_inputs, input_shape_of
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-__all__ = ["LoggedInputs", "replay"]
+__all__ = ["ActivationStore", "LoggedInputs", "replay"]
 
 Preprocess = Callable[[list[dict[str, Any]]], torch.Tensor]
 
@@ -111,6 +112,54 @@ class LoggedInputs:
             yield start, self.batch(np.arange(start, min(start + size, self.n)))
 
 
+class ActivationStore:
+    """The replayed activations of each candidate layer, in float16 files under ``directory``: while replaying, the
+    process holds one batch of them; while a layer's heads train, that layer's rows. Peak memory then follows the
+    rows used and the widest layer, not the number of layers.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._rows: dict[str, int] = {}
+        self._files: dict[str, Any] = {}
+
+    def _path(self, node: str) -> Path:
+        return self.directory / f"{list(self._shapes).index(node)}.f16"
+
+    def append(self, node: str, values: torch.Tensor) -> None:
+        """Append rows (any float dtype; stored as float16) of ``node``; every call gives the same row shape."""
+        shape = tuple(values.shape[1:])
+        if node not in self._shapes:
+            self._shapes[node], self._rows[node] = shape, 0
+            self._files[node] = open(self._path(node), "wb")  # noqa: SIM115 - closed by load, drop or close
+        elif self._shapes[node] != shape:
+            raise LogError(f"activations of {node!r} changed shape from {self._shapes[node]} to {shape}")
+        self._files[node].write(values.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+        self._rows[node] += int(values.shape[0])
+
+    def _close(self, node: str) -> None:
+        f = self._files.pop(node, None)
+        if f is not None:
+            f.close()
+
+    def load(self, node: str) -> torch.Tensor:
+        """Every stored row of ``node`` as one float16 tensor ``(N, *shape)``."""
+        self._close(node)
+        data = np.fromfile(self._path(node), dtype=np.float16)
+        return torch.from_numpy(data.reshape(self._rows[node], *self._shapes[node]))
+
+    def drop(self, node: str) -> None:
+        """Forget ``node``'s rows (its file is deleted)."""
+        self._close(node)
+        self._path(node).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        for node in list(self._files):
+            self._close(node)
+
+
 @torch.inference_mode()
 def replay(
     backbone: nn.Module,
@@ -121,14 +170,19 @@ def replay(
     batch_size: int,
     progress: Callable[[Iterable[Any], str], Iterable[Any]] = _no_progress,
     output: OutputSpec | None = None,
+    store: ActivationStore | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, OutputSpec]:
     """Run logged inputs through the backbone split at ``nodes``.
 
+    Args:
+        store: where the activations go (on disk); when None they are returned in memory.
+
     Returns:
-        ``acts[node]``: float16 activations pre-pooled to at most ``max_spatial`` with :func:`prepool_size_for`
-        (the function the heads' search space and pools are sized by, so a head sees in training exactly what it
-        computes at serving time), the backbone's class scores ``(N, K)`` in float32, and where they are in its
-        output (detected on the first batch unless ``output`` is given).
+        ``acts[node]`` (empty when ``store`` is given: read them from it): float16 activations pre-pooled to at
+        most ``max_spatial`` with :func:`prepool_size_for` (the function the heads' search space and pools are
+        sized by, so a head sees in training exactly what it computes at serving time), the backbone's class
+        scores ``(N, K)`` in float32, and where they are in its output (detected on the first batch unless
+        ``output`` is given).
     """
     segments = split(backbone, list(nodes))
     n = inputs.n
@@ -140,6 +194,9 @@ def replay(
             h = seg(h)
             if i < len(nodes):
                 p = prepool(h, prepool_size_for(tuple(h.shape[1:]), max_spatial)) if h.dim() == 4 else h
+                if store is not None:
+                    store.append(nodes[i], p)
+                    continue
                 if nodes[i] not in acts:
                     acts[nodes[i]] = torch.empty((n, *p.shape[1:]), dtype=torch.float16)
                 acts[nodes[i]][start : start + p.shape[0]] = p.half()

@@ -149,8 +149,9 @@ class Trainer:
         _validate(x_val, p_val, "validation")
         device = _device(head)
         self.head, self.config = head, config
-        self.x_train, self.p_train = x_train.to(device).float(), p_train.to(device).float()
-        self.x_val, self.p_val = x_val.to(device).float(), p_val.to(device).float()
+        # Inputs keep their dtype (float16 activations stay half the size); each mini-batch becomes float32.
+        self.x_train, self.p_train = x_train.to(device), p_train.to(device).float()
+        self.x_val, self.p_val = x_val.to(device), p_val.to(device).float()
         if config.reinit:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
@@ -180,7 +181,7 @@ class Trainer:
             xs, ps = self.x_train[order], self.p_train[order]
             for i, start in enumerate(self.starts):
                 stop = self.starts[i + 1] if i + 1 < len(self.starts) else n
-                logits = head(xs[start:stop])
+                logits = head(xs[start:stop].float())
                 loss = F.kl_div(F.log_softmax(logits, 1), ps[start:stop], reduction="batchmean")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -237,8 +238,8 @@ def train_head(
 
     Args:
         head: A module mapping activations to logits (e.g. from ``build_head``).
-        x_train: Training activations, ``(N, *in_shape)``; float16 is converted to float32
-            and all tensors are moved to the head's device.
+        x_train: Training activations, ``(N, *in_shape)``; float16 stays float16 in memory and each
+            mini-batch is converted to float32; all tensors are moved to the head's device.
         p_train: Backbone probabilities, ``(N, num_classes)``, rows summing to 1.
         x_val: Validation activations.
         p_val: Validation probabilities.
