@@ -59,7 +59,8 @@ class BuildRequest:
         log_dir: where the cached archive keeps recording (default: the recording archive's log dir).
         measure_policy: time shrink / no-shrink / backbone-only per batch size here and store the fastest.
         policy_source: the cached workers' ``layercache.policy_source``.
-        max_rows: use at most this many logged rows.
+        max_rows: use the newest this many logged rows (None: all). The build's memory follows the rows it uses,
+            so the default keeps it flat however long the log grows.
         force: overwrite ``output``.
     """
 
@@ -72,7 +73,7 @@ class BuildRequest:
     log_dir: Path | None = None
     measure_policy: bool = False
     policy_source: str = "auto"
-    max_rows: int | None = None
+    max_rows: int | None = 20_000
     force: bool = False
 
     def __post_init__(self) -> None:
