@@ -501,6 +501,29 @@ def search(
     )
 
 
+def resample(state: SearchState, seed: int) -> SearchState:
+    """The same trained heads with the validation and test rows drawn anew (seeded) from the rows held out of
+    training: what another build on the same traffic would have chosen thresholds on and certified on.
+
+    For experiments on the threshold rules (how often a promise breaks over many builds) without training the heads
+    again; the heads' early stopping and temperatures still used the original validation rows.
+    """
+    tr, va, te = state.idx
+    pool = np.concatenate([va, te])
+    perm = np.random.default_rng(seed).permutation(len(pool))
+    new_va, new_te = pool[perm[: len(va)]], pool[perm[len(va) :]]
+    results = []
+    for r in state.results:
+        if r.head is None:
+            results.append(r)
+            continue
+        conf = np.concatenate([r.scores["val"][0], r.scores["test"][0]])[perm]
+        pred = np.concatenate([r.scores["val"][1], r.scores["test"][1]])[perm]
+        scores = {"val": (conf[: len(va)], pred[: len(va)]), "test": (conf[len(va) :], pred[len(va) :])}
+        results.append(replace(r, scores=scores, trials=list(r.trials)))
+    return replace(state, results=results, idx=(tr, new_va, new_te))
+
+
 def min_tolerance(n_val: int, margin_z: float) -> float:
     """Per-head rule: smallest tolerance at which a head can answer at all: the first cascade position's budget
     (tolerance/2) must cover the upper bound of zero wrong hits on ``n_val`` validation rows (2.30 rows at

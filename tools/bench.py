@@ -13,6 +13,8 @@ last 3,000 are never seen by the build and are what every table is measured on. 
 * ``recording``: the recording handler vs the original handler in process, per batch (what recording costs).
 * ``serving``: closed-loop load through TorchServe, original vs cached vs recording, several concurrencies.
 * ``tradeoff``: accuracy/FLOPs across tolerances (one search, thresholds and selection per tolerance).
+* ``certify``: the certified rule against the per-head rule at tolerances 0.005-0.05 over ``--seeds`` builds that
+  resample the held-out rows: FLOPs and agreement on the unseen images, and how often each breaks its promise.
 * ``bundle``: ``OUT/device-bundle``, what ``tools/bench_device.py`` needs to measure the model on another device
   (the GPU tables) with no TorchServe and no ``../shared`` there.
 
@@ -111,7 +113,10 @@ WORKLOADS = {
         None,
     ),
 }
-SECTIONS = ("trunk", "tables", "latency", "overhead", "policy", "recording", "serving", "tradeoff", "bundle")
+SECTIONS = (
+    "trunk", "tables", "latency", "overhead", "policy", "recording", "serving", "tradeoff", "certify", "bundle",
+)  # fmt: skip
+CERTIFY_TOLERANCES = (0.005, 0.01, 0.02, 0.05)
 BATCHES = (1, 8, 16, 32, 64, 128)
 TOLERANCES = (0.0025, 0.005, 0.01, 0.02, 0.05)
 
@@ -373,17 +378,28 @@ def serve(
 
 
 # ------------------------------------------------------------------------------------------------ tradeoff
-def tradeoff(paths: dict[str, Path], tolerances: tuple[float, ...]) -> list[dict[str, Any]]:
-    """One head search, then thresholds + subset selection per tolerance, on the build's held-out test split."""
-    from layercache.build import finalize, search
+def search_state(paths: dict[str, Path]) -> Any:
+    """One head search on the workload's logs (what every build of these logs would train)."""
+    from layercache.build import search
     from layercache.trafficlog import read_logs
 
     with tempfile.TemporaryDirectory() as tmp:
         loaded = open_mar(paths["mar"], Path(tmp) / "mar")
         mapping = json.loads((EXAMPLE / "index_to_name.json").read_text())
-        state = search(
-            loaded.backbone, read_logs(paths["logs"]), BuildConfig(), index_to_name=mapping, progress=progress
+        return search(
+            loaded.backbone,
+            read_logs(paths["logs"]),
+            BuildConfig(),
+            preprocess=loaded.preprocess,
+            index_to_name=mapping,
+            progress=progress,
         )
+
+
+def tradeoff(state: Any, tolerances: tuple[float, ...]) -> list[dict[str, Any]]:
+    """Thresholds + subset selection per tolerance on one search, on the build's held-out test split."""
+    from layercache.build import finalize
+
     rows = []
     for tol in tolerances:
         rep = finalize(state, tol).report
@@ -400,6 +416,70 @@ def tradeoff(paths: dict[str, Path], tolerances: tuple[float, ...]) -> list[dict
                 "exits": [e["node"] for e in rep["exits"]],
             }
         )
+    return rows
+
+
+@torch.inference_mode()
+def unseen_heads(models: Models, state: Any) -> tuple[list[Any], np.ndarray]:
+    """Every trained head of ``state`` on the unseen images (calibrated confidence and answer, FLOPs costs), and
+    the backbone's answers there: what any cascade of those heads would do on traffic the build never saw."""
+    from layercache.calibration import confidences
+    from layercache.graph import split
+    from layercache.selection import HeadEval
+
+    kept = state.kept
+    segments = split(models.backbone, [r.candidate.node for r in kept])
+    h, heads = models.x, []
+    for seg, r in zip(segments, kept, strict=False):
+        h = torch.cat([seg(h[i : i + 256]) for i in range(0, len(h), 256)])
+        logits = torch.cat([r.head(h[i : i + 256]) for i in range(0, len(h), 256)])
+        conf, pred = confidences(logits, r.temperature)
+        heads.append(HeadEval(r.candidate.node, conf, pred, np.zeros(1), r.head_flops, r.candidate.flops_remaining))
+    reference = torch.cat([models.backbone(models.x[i : i + 256]) for i in range(0, len(models.x), 256)]).argmax(1)
+    return heads, reference.numpy()
+
+
+def certify(
+    state: Any, models: Models, tolerances: tuple[float, ...], seeds: int, delta: float = 0.05
+) -> list[dict[str, Any]]:
+    """The certified rule against the per-head rule: per tolerance, over ``seeds`` builds that resample which held-out
+    rows choose the thresholds and which certify them, the FLOPs and agreement on the unseen images, and how often
+    the build's promise (agreement >= 1 - tolerance on traffic like the logged one) breaks there."""
+    import statistics
+
+    from layercache.build import finalize, resample
+    from layercache.selection import evaluate_cascade
+
+    heads, reference = unseen_heads(models, state)
+    total = state.total_flops
+    rows = []
+    for tol in tolerances:
+        for rule in ("certified", "per-head"):
+            flops, agreement, broken, cached = [], [], 0, 0
+            for seed in progress(range(seeds), f"{rule} {tol}"):
+                result = finalize(resample(state, seed), tol, rule=rule, delta=delta)
+                if not result.selection.subset:
+                    flops.append(1.0)
+                    agreement.append(1.0)
+                    continue
+                cached += 1
+                cascade = evaluate_cascade(heads, result.selection, reference, backbone_cost=total)
+                flops.append(cascade.mean_cost / total)
+                agreement.append(cascade.agreement)
+                broken += cascade.agreement < 1.0 - tol
+            rows.append(
+                {
+                    "tolerance": tol,
+                    "rule": rule,
+                    "builds": seeds,
+                    "builds_with_exits": cached,
+                    "flops_ratio_median": statistics.median(flops),
+                    "agreement_median": statistics.median(agreement),
+                    "agreement_min": min(agreement),
+                    "broken": broken,
+                    "broken_rate": broken / seeds,
+                }
+            )
     return rows
 
 
@@ -614,6 +694,33 @@ def _md_tradeoff(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _md_certify(res: dict[str, Any]) -> list[str]:
+    if not res.get("certify"):
+        return []
+    rows = res["certify"]
+    lines = [
+        f"### Certified rule vs per-head rule ({rows[0]['builds']} resampled builds per row, unseen images)",
+        "",
+        "| tolerance | rule | FLOPs ratio (median) | agreement (median) | agreement (worst) | builds with exits "
+        "| promise broken |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['tolerance']} | {r['rule']} | {r['flops_ratio_median']:.3f} | {pct(r['agreement_median'])} | "
+            f"{pct(r['agreement_min'])} | {r['builds_with_exits']} of {r['builds']} | {r['broken']} of "
+            f"{r['builds']} ({r['broken_rate']:.0%}) |"
+        )
+    lines += [
+        "",
+        "Each build keeps the trained heads and draws anew which held-out rows set the thresholds (validation) and "
+        "which certify them (test). Broken: agreement with the backbone on the unseen images below 1 - tolerance. "
+        "The certified rule promises that at most delta = 5% of builds break it.",
+        "",
+    ]
+    return lines
+
+
 def markdown(res: dict[str, Any], command: str) -> str:
     lines = [
         f"Workload: `{res.get('workload', 'resnet18_fmnist')}`  ",
@@ -632,6 +739,7 @@ def markdown(res: dict[str, Any], command: str) -> str:
         _md_policy,
         _md_serving,
         _md_tradeoff,
+        _md_certify,
     ):
         lines += section(res)
     return "\n".join(lines)
@@ -655,6 +763,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--traffic", type=int, default=7000, help="recorded test images (default: 7000)")
     p.add_argument("--eval", type=int, default=3000, help="unseen evaluation images (default: 3000)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the cache even if one exists (default: reuse)")
+    p.add_argument(
+        "--seeds", type=int, default=20, help="certify: resampled builds per tolerance and rule (default: 20)"
+    )
     p.add_argument("--quiet", action="store_true", help="warnings only (default: off)")
     return p
 
@@ -674,6 +785,7 @@ class BenchArgs:
     traffic: int
     eval: int
     rebuild: bool
+    seeds: int
 
 
 class Bench:
@@ -689,6 +801,7 @@ class Bench:
         self.res["workload"] = args.workload.name
         self._tmp = tempfile.TemporaryDirectory(prefix="bench-models-")
         self._models: Models | None = None
+        self._state: Any = None
 
     @property
     def report(self) -> dict[str, Any]:
@@ -698,6 +811,12 @@ class Bench:
         if self._models is None:
             self._models = Models(self.paths, Path(self._tmp.name))
         return self._models
+
+    def state(self) -> Any:
+        """One head search on the logs, shared by the sections that re-threshold it."""
+        if self._state is None:
+            self._state = search_state(self.paths)
+        return self._state
 
     def save(self) -> None:
         self.res_path.write_text(json.dumps(self.res, indent=2, default=str))
@@ -765,8 +884,12 @@ def step_serving(bench: Bench) -> None:
 
 
 def step_tradeoff(bench: Bench) -> None:
-    bench.res["tradeoff"] = tradeoff(bench.paths, TOLERANCES)
+    bench.res["tradeoff"] = tradeoff(bench.state(), TOLERANCES)
     plot_tradeoff(bench.res["tradeoff"], bench.args.out / "tradeoff.png", bench.args.workload.name)
+
+
+def step_certify(bench: Bench) -> None:
+    bench.res["certify"] = certify(bench.state(), bench.models(), CERTIFY_TOLERANCES, bench.args.seeds)
 
 
 #: Section -> its step, in the order they run (trunk and serving share one TorchServe).
@@ -780,6 +903,7 @@ STEPS = {
     "trunk": step_serving,
     "serving": step_serving,
     "tradeoff": step_tradeoff,
+    "certify": step_certify,
 }
 
 
@@ -825,6 +949,7 @@ def main(argv: list[str] | None = None) -> int:
         traffic=ns.traffic,
         eval=ns.eval,
         rebuild=ns.rebuild,
+        seeds=ns.seeds,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
