@@ -538,18 +538,22 @@ def read_segment(path: Path) -> pa.Table:
 
 def _write_parquet(table: pa.Table, target: Path, mode: int = 0o600) -> None:
     """Write ``table`` to ``target`` atomically (a dot-prefixed temp file, ignored by readers, then a rename), with
-    permissions ``mode`` (the segment's: recorded requests stay as private as the recorder made them)."""
+    permissions ``mode`` (the segment's: recorded requests stay as private as the recorder made them, from the
+    first byte on). A failed write (a full disk) removes its temp file: nothing is left to fill the disk more."""
     tmp = target.with_name(f".{target.name}.tmp")
     use_dictionary = [name for name in _DICTIONARY_COLUMNS if name in table.column_names]
-    pq.write_table(table, tmp, compression=PARQUET_COMPRESSION, use_dictionary=use_dictionary)
-    # fsync so a power cut cannot leave a renamed but empty part after its segment was deleted.
-    os.chmod(tmp, mode)
-    fd = os.open(tmp, os.O_RDONLY)
+    handle = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode), "wb")
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, target)
+        with handle:
+            os.fchmod(handle.fileno(), mode)  # open()'s mode is masked by the umask; a stale temp file keeps its own
+            pq.write_table(table, handle, compression=PARQUET_COMPRESSION, use_dictionary=use_dictionary)
+            handle.flush()
+            # fsync so a power cut cannot leave a renamed but empty part after its segment was deleted.
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def compact_segment(segment: Path) -> Path | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -380,6 +381,32 @@ def test_segment_and_its_part_are_not_read_twice(tmp_path: Path) -> None:
     assert logs.read_logs(tmp_path).num_rows == 4
     logs.compact(tmp_path)  # rewrites the same part: still no duplicates
     assert logs.read_logs(tmp_path).num_rows == 4
+
+
+def test_a_failed_compaction_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defect 2 (a full disk fills up further): a Parquet write that fails half-way removed nothing; its temp file
+    stayed. Now it is deleted and the segment kept for a later compaction."""
+    schema = logs.make_schema(NODES)
+    segment = _write_segment(tmp_path, "s", [_batch(schema, "s")])
+
+    def half_written(table: pa.Table, where: object, **kwargs: object) -> None:
+        handle = open(where, "wb") if isinstance(where, (str, Path)) else where  # noqa: SIM115
+        handle.write(b"PAR1 and then the disk was full")
+        handle.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(logs.pq, "write_table", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        logs.compact_segment(segment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_segments"]
+    assert segment.exists()
+    monkeypatch.undo()
+    assert logs.compact_segment(segment) == tmp_path / "part-seg-s.parquet"
+
+
+# ----------------------------------------------------------------------------------- choosing rows to read
+
+BASE = datetime(2026, 12, 1, tzinfo=UTC)
 
 
 # ----------------------------------------------------------------------------------------------- read_logs
