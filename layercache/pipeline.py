@@ -56,7 +56,7 @@ class BuildRequest:
         log_dir: where the cached archive keeps recording (default: the recording archive's log dir).
         measure_policy: time shrink / no-shrink / backbone-only per batch size here and store the fastest.
         policy_source: the cached workers' ``layercache.policy_source``.
-        max_rows: use at most this many logged rows.
+        max_rows: use at most this many logged rows, the newest.
         force: overwrite ``output``.
     """
 
@@ -165,8 +165,8 @@ def _read(logs: Path, max_rows: int | None) -> Any:
     compacted = compact(logs) if Path(logs).is_dir() else []
     if compacted:
         logger.info("compacted %d finished log segments to Parquet", len(compacted))
-    table = read_logs(logs)
-    return table if max_rows is None else table.slice(0, max_rows)
+    # read_logs reads only the chosen rows' columns: a log larger than memory still builds with max_rows.
+    return read_logs(logs, max_rows=max_rows)
 
 
 @dataclass(frozen=True)

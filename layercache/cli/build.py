@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="torch threads while training heads: small heads train fastest on one (default: 1)",
     )
-    p.add_argument("--max-rows", type=int, default=None, help="use at most this many logged rows (default: all)")
+    p.add_argument(
+        "--max-rows", type=int, default=None, help="use at most this many logged rows, the newest (default: all)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for split, init and shuffling (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device for the build (default: cpu)")
     p.add_argument("--force", action="store_true", help="overwrite the output archive (default: refuse)")
