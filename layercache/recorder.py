@@ -92,8 +92,9 @@ class RecorderConfig:
             to Parquet in the background.
         max_total_bytes: cap on the bytes on disk of the whole log dir (Parquet parts and segments). At the cap
             the oldest Parquet parts are deleted (``Recorder.evicted_rows``) so that the log follows recent
-            traffic; only when no part is left to delete are new rows dropped (``Recorder.dropped_rows``). None
-            for no cap.
+            traffic; only when no part is left to delete are new rows dropped (``Recorder.dropped_rows``). While
+            a segment is compacted it and its part are both on disk: for that moment the dir may exceed the cap
+            by up to one part. None for no cap.
         dir_mode, file_mode: permissions of the directories and files the recorder creates (recorded requests
             are user data: only the worker's user reads them by default). Set exactly, whatever the umask.
     """
