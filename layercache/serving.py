@@ -291,7 +291,7 @@ class Traffic:
         return cls(recorder, schema, identity, config)
 
     def describe(self) -> dict[str, int]:
-        """This worker's recorded, failed and dropped rows (nothing when it does not record)."""
+        """This worker's recorded, failed, dropped, lost and evicted rows (nothing when it does not record)."""
         if self._recorder is None:
             return {}
         r = self._recorder
@@ -299,6 +299,8 @@ class Traffic:
             "recorded_rows": r.written_rows,
             "record_failed_rows": r.failed_rows,
             "record_dropped_rows": r.dropped_rows,
+            "record_lost_rows": r.lost_rows,
+            "record_evicted_rows": r.evicted_rows,
         }
 
     def record(self, a: Answered) -> tuple[Metric, ...]:

@@ -22,16 +22,19 @@ import fcntl
 import json
 import logging
 import os
+import posixpath
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from layercache.errors import LogError
@@ -59,6 +62,11 @@ _MAX_INT32 = 2**31 - 1
 # A segment temp file older than this is left by a writer that died before renaming it (it renames at once).
 _STALE_TEMP_S = 60.0
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Reading chosen rows of a Parquet part: rows per decoded batch (recorded rows are up to ~300 KB: 64 of them stay
+# under ~20 MB), and read buffering so a row group's column chunks are streamed, not loaded whole.
+_READ_BATCH_ROWS = 64
+_READ_BUFFER_BYTES = 1 << 20
+_NO_TIME = np.iinfo(np.int64).min
 
 
 def make_schema(act_nodes: Sequence[str]) -> pa.Schema:
@@ -512,44 +520,63 @@ def read_segment(path: Path) -> pa.Table:
     """
     path = Path(path)
     with open(path, "rb") as handle:
-        head = handle.read(len(_IPC_CONTINUATION))
-        handle.seek(0)
-        try:
-            reader = pa.ipc.open_stream(handle)
-        except (pa.ArrowInvalid, OSError) as exc:
-            if _IPC_CONTINUATION.startswith(head):
-                if head:
-                    logger.warning("segment %s ends inside its schema message; it holds no complete batch", path)
-                return pa.table({})
-            raise LogError(f"{path} is not an Arrow IPC stream ({exc}); move it out of the log dir") from exc
-        batches = []
-        while True:
-            try:
-                batches.append(reader.read_next_batch())
-            except StopIteration:
-                break
-            except (pa.ArrowInvalid, OSError) as exc:
-                logger.warning(
-                    "segment %s: skipped a torn tail after %d complete batches (%s)", path, len(batches), exc
-                )
-                break
+        reader = _open_stream(handle, path)
+        if reader is None:
+            return pa.table({})
+        batches = list(_complete_batches(reader, path))
     return pa.Table.from_batches(batches, schema=reader.schema)
+
+
+def _open_stream(handle: Any, path: Path, *, quiet: bool = False) -> pa.ipc.RecordBatchStreamReader | None:
+    """A stream reader over an open segment, or None when the file ends inside (or before) its schema message."""
+    head = handle.read(len(_IPC_CONTINUATION))
+    handle.seek(0)
+    try:
+        return pa.ipc.open_stream(handle)
+    except (pa.ArrowInvalid, OSError) as exc:
+        if _IPC_CONTINUATION.startswith(head):
+            if head and not quiet:
+                logger.warning("segment %s ends inside its schema message; it holds no complete batch", path)
+            return None
+        raise LogError(f"{path} is not an Arrow IPC stream ({exc}); move it out of the log dir") from exc
+
+
+def _complete_batches(
+    reader: pa.ipc.RecordBatchStreamReader, path: Path, *, quiet: bool = False
+) -> Iterator[pa.RecordBatch]:
+    """The batches of a stream up to its end or its torn tail (warned about unless ``quiet``)."""
+    count = 0
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            return
+        except (pa.ArrowInvalid, OSError) as exc:
+            if not quiet:
+                logger.warning("segment %s: skipped a torn tail after %d complete batches (%s)", path, count, exc)
+            return
+        count += 1
+        yield batch
 
 
 def _write_parquet(table: pa.Table, target: Path, mode: int = 0o600) -> None:
     """Write ``table`` to ``target`` atomically (a dot-prefixed temp file, ignored by readers, then a rename), with
-    permissions ``mode`` (the segment's: recorded requests stay as private as the recorder made them)."""
+    permissions ``mode`` (the segment's: recorded requests stay as private as the recorder made them, from the
+    first byte on). A failed write (a full disk) removes its temp file: nothing is left to fill the disk more."""
     tmp = target.with_name(f".{target.name}.tmp")
     use_dictionary = [name for name in _DICTIONARY_COLUMNS if name in table.column_names]
-    pq.write_table(table, tmp, compression=PARQUET_COMPRESSION, use_dictionary=use_dictionary)
-    # fsync so a power cut cannot leave a renamed but empty part after its segment was deleted.
-    os.chmod(tmp, mode)
-    fd = os.open(tmp, os.O_RDONLY)
+    handle = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode), "wb")
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, target)
+        with handle:
+            os.fchmod(handle.fileno(), mode)  # open()'s mode is masked by the umask; a stale temp file keeps its own
+            pq.write_table(table, handle, compression=PARQUET_COMPRESSION, use_dictionary=use_dictionary)
+            handle.flush()
+            # fsync so a power cut cannot leave a renamed but empty part after its segment was deleted.
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def compact_segment(segment: Path) -> Path | None:
@@ -644,57 +671,374 @@ def _select(table: pa.Table, columns: Sequence[str] | None) -> pa.Table:
     return table.select([name for name in columns if name in table.column_names])
 
 
+@dataclass(frozen=True)
+class _Source:
+    """One file of a log dir to read: a Parquet part (``segment`` None) or a live segment and the part it
+    compacts into (read instead when the segment is compacted while we read: its rows are a prefix of the part's).
+    """
+
+    part: str  # path on the log dir's filesystem
+    segment: Path | None = None
+
+    def shown(self) -> str:
+        return str(self.segment) if self.segment is not None else self.part
+
+
+class _Gone(Exception):
+    """A file of the log dir disappeared while it was read (evicted, or compacted and its part gone too)."""
+
+
 def read_logs(
-    log_dir: Path,
+    log_dir: Path | str,
     *,
     columns: Sequence[str] | None = None,
     include_live: bool = True,
+    max_rows: int | None = None,
+    since: datetime | None = None,
+    sample_seed: int | None = None,
+    strict: bool = False,
 ) -> pa.Table:
-    """Read every recorded row of a log dir.
+    """Read the recorded rows of a log dir: all of them, or the newest (or a seeded sample) ``max_rows``.
+
+    With ``max_rows`` or ``since``, only the ``time`` column of every file is read first (8 bytes a row); the
+    other columns are then read for the chosen rows only, file by file and row group by row group, so memory
+    grows with the rows returned, not with the log.
 
     Args:
-        log_dir: the recorder's log dir.
+        log_dir: the recorder's log dir: a local path, or a URI that ``pyarrow.fs`` understands (``file:///...``,
+            ``s3://bucket/prefix``, ...). Live segments exist only on local disk: a remote log dir reads its
+            Parquet parts.
         columns: the columns to read (all by default). An ``act:`` column missing from some files reads as null
             there.
         include_live: also read segments not compacted yet (complete batches only; no lock taken).
+        max_rows: return at most this many rows: the newest by ``time``, or a random ``sample_seed`` sample.
+        since: a timezone-aware datetime: only rows whose ``time`` is at or after it.
+        sample_seed: with ``max_rows``, draw the rows at random with this seed (the same seed and log give the
+            same rows) instead of taking the newest.
+        strict: raise on a file that cannot be read, instead of skipping it with a warning that names it and
+            how many rows are lost (from its footer when readable).
 
     Returns:
-        One table; files with different act columns are unified by name, with nulls where a column is missing.
+        One table, rows in file order (Parquet parts by name, then live segments), not sorted by time; files
+        with different act columns are unified by name, with nulls where a column is missing.
 
     Raises:
-        LogError: the dir does not exist, holds no rows, or a requested column is in none of its files.
+        LogError: the dir does not exist, holds no rows (at or after ``since``), a requested column is in none
+            of its files, or (``strict``) a file is unreadable.
+        ValueError: ``max_rows`` < 1, ``since`` without a timezone, or ``sample_seed`` without ``max_rows``.
+
+    Example::
+
+        table = read_logs(Path("logs/m"), max_rows=50_000, since=datetime(2026, 12, 1, tzinfo=UTC))
     """
-    log_dir = Path(log_dir)
-    if not log_dir.is_dir():
-        raise LogError(f"log dir {log_dir} does not exist or is not a directory; pass the recorder's log_dir")
-    # Segments first, parts second: a segment compacted in between then shows up as its part (and the segment's
-    # copy is dropped below), never as neither.
-    live: dict[str, pa.Table] = {}
-    if include_live:
-        for segment in sorted(segment_dir(log_dir).glob(SEGMENT_GLOB)):
-            try:
-                table = read_segment(segment)
-            except FileNotFoundError:
-                continue
-            if table.num_rows:
-                live[part_path(segment).name] = _select(table, columns)
-    tables = []
-    for part in sorted(log_dir.glob(PART_GLOB)):
-        live.pop(part.name, None)
-        names = pq.read_schema(part).names
-        wanted = None if columns is None else [name for name in columns if name in names]
-        tables.append(pq.read_table(part, columns=wanted))
-    tables += [live[name] for name in sorted(live)]
-    tables = [table for table in tables if table.num_rows]
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+        raise ValueError(f"max_rows must be an int >= 1 or None (every row), got {max_rows!r}")
+    if since is not None and (not isinstance(since, datetime) or since.tzinfo is None):
+        raise ValueError(f"since {since!r} has no timezone; pass e.g. datetime(2026, 12, 1, tzinfo=timezone.utc)")
+    if sample_seed is not None and max_rows is None:
+        raise ValueError(f"sample_seed={sample_seed!r} draws max_rows rows at random: give max_rows too")
+    fs, root, local = _log_filesystem(log_dir)
+    sources = _sources(fs, root, local, include_live)
+    fields: dict[str, pa.Field] = {}  # of the files whose time column was read
+    if max_rows is None and since is None:
+        tables = [_read_or_skip(fs, source, columns, None, strict) for source in sources]
+    else:
+        tables = _read_chosen(fs, sources, columns, max_rows, since, sample_seed, strict, log_dir, fields)
+    tables = [table for table in tables if table is not None and table.num_rows]
     if not tables:
         raise LogError(
             f"no recorded rows in {log_dir} (looked for {PART_GLOB} and {SEGMENT_DIR_NAME}/{SEGMENT_GLOB}). "
             "Hint: is this the log_dir the recording handler was configured with, and has it answered requests?"
         )
-    table = pa.concat_tables(tables, promote_options="default")
-    if columns is not None:
-        absent = [name for name in columns if name not in table.column_names]
-        if absent:
-            raise LogError(f"columns {absent} are in no file of {log_dir}; recorded columns: {table.column_names}")
-        table = table.select(list(columns))
+    if columns is None:
+        return pa.concat_tables(tables, promote_options="default")
+    for table in tables:
+        for field in table.schema:
+            fields.setdefault(field.name, field)
+    absent = [name for name in columns if name not in fields]
+    if absent:
+        recorded = [name for name in fields if name in columns]
+        raise LogError(f"columns {absent} are in no file of {log_dir}; recorded columns: {recorded}")
+    # Null columns where a file lacks one (an act: column of another build): a table without any column would
+    # lose its rows in concat_tables.
+    wanted = [fields[name] for name in columns]
+    tables = [_with_columns(table, wanted) for table in tables]
+    return pa.concat_tables(tables, promote_options="default").select(list(columns))
+
+
+def _with_columns(table: pa.Table, wanted: list[pa.Field]) -> pa.Table:
+    for field in wanted:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
     return table
+
+
+def _log_filesystem(log_dir: Path | str) -> tuple[pafs.FileSystem, str, Path | None]:
+    """The filesystem and path of a log dir, and its local path where it has one (segments are read there)."""
+    if isinstance(log_dir, str) and "://" in log_dir:
+        try:
+            fs, root = pafs.FileSystem.from_uri(log_dir)
+        except (pa.ArrowException, ValueError) as exc:
+            raise LogError(
+                f"log dir {log_dir!r} is not a URI pyarrow.fs understands ({exc}); pass a local path, or a URI "
+                "such as file:///abs/path or s3://bucket/prefix"
+            ) from exc
+        root = root.rstrip("/") or "/"
+        local = Path(root) if isinstance(fs, pafs.LocalFileSystem) else None
+    else:
+        fs, local = pafs.LocalFileSystem(), Path(log_dir)
+        root = str(local.absolute())
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        raise LogError(f"log dir {log_dir} does not exist or is not a directory; pass the recorder's log_dir")
+    return fs, root, local
+
+
+def _sources(fs: pafs.FileSystem, root: str, local: Path | None, include_live: bool) -> list[_Source]:
+    """Parts by name, then the live segments whose part does not exist yet."""
+    # Segments first, parts second: a segment compacted in between then shows up as its part (and the segment
+    # is dropped below), never as neither; one compacted after both listings is read as its part (_Source).
+    segments = []
+    if include_live and local is not None:
+        segments = sorted(segment_dir(local).glob(SEGMENT_GLOB))
+    infos = fs.get_file_info(pafs.FileSelector(root))
+    parts = sorted(
+        info.path for info in infos if info.type == pafs.FileType.File and fnmatchcase(info.base_name, PART_GLOB)
+    )
+    names = {posixpath.basename(part) for part in parts}
+    live = sorted(
+        (
+            _Source(posixpath.join(root, part_path(seg).name), seg)
+            for seg in segments
+            if part_path(seg).name not in names
+        ),
+        key=lambda source: source.part,
+    )
+    return [_Source(part) for part in parts] + live
+
+
+def _read_or_skip(
+    fs: pafs.FileSystem, source: _Source, columns: Sequence[str] | None, rows: np.ndarray | None, strict: bool
+) -> pa.Table | None:
+    """The rows (all, or the sorted indices ``rows``) of one file, or None (it is unreadable, or gone)."""
+    try:
+        return _read_source(fs, source, columns, rows)
+    except _Gone as exc:
+        logger.warning("%s disappeared while the log was read (%s); its rows are not in this read", source.shown(), exc)
+    except (LogError, OSError, pa.ArrowException) as exc:
+        lost = len(rows) if rows is not None else None
+        _unreadable(fs, source, exc, strict, lost)
+    return None
+
+
+def _unreadable(fs: pafs.FileSystem, source: _Source, exc: Exception, strict: bool, lost: int | None) -> None:
+    path = source.shown()
+    if lost is None and source.segment is None:
+        try:
+            with fs.open_input_file(source.part) as handle:
+                lost = pq.read_metadata(handle).num_rows
+        except (OSError, pa.ArrowException):
+            lost = None  # the footer is gone too
+    rows = "unknown" if lost is None else str(lost)
+    if strict:
+        raise LogError(
+            f"{path} is unreadable ({exc}); rows in it: {rows}. Hint: move it out of the log dir, or read with "
+            "strict=False to skip it"
+        ) from exc
+    logger.warning(
+        "skipped unreadable %s (%s); rows lost: %s. Hint: move it out of the log dir (read_logs(strict=True) "
+        "raises instead)",
+        path,
+        exc,
+        rows,
+    )
+
+
+def _read_source(
+    fs: pafs.FileSystem, source: _Source, columns: Sequence[str] | None, rows: np.ndarray | None
+) -> pa.Table:
+    if source.segment is not None:
+        try:
+            return _read_segment_rows(source.segment, columns, rows)
+        except FileNotFoundError:
+            pass  # compacted meanwhile: its rows are (a prefix of) its part's
+    try:
+        return _read_part_rows(fs, source.part, columns, rows)
+    except FileNotFoundError as exc:
+        raise _Gone(str(exc)) from exc
+
+
+def _read_part_rows(fs: pafs.FileSystem, path: str, columns: Sequence[str] | None, rows: np.ndarray | None) -> pa.Table:
+    with fs.open_input_file(path) as handle:
+        parquet = pq.ParquetFile(handle, buffer_size=_READ_BUFFER_BYTES)
+        names = parquet.schema_arrow.names
+        wanted = None if columns is None else [name for name in columns if name in names]
+        if rows is None:
+            return parquet.read(columns=wanted)
+        return _take_part(parquet, wanted, rows)
+
+
+def _take_part(parquet: pq.ParquetFile, wanted: list[str] | None, rows: np.ndarray) -> pa.Table:
+    """The rows at sorted indices ``rows`` of a Parquet file, reading only the row groups (and, within them, the
+    batches) that hold them."""
+    schema = parquet.schema_arrow
+    if wanted is not None:
+        schema = pa.schema([schema.field(name) for name in wanted], metadata=schema.metadata)
+    meta = parquet.metadata
+    starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+    if len(rows) and rows[-1] >= starts[-1]:
+        raise LogError(f"holds {starts[-1]} rows, fewer than when its time column was read (replaced meanwhile?)")
+    if wanted == []:  # no requested column in this file: only the row count matters
+        return _rows_without_columns(len(rows))
+    batches = []
+    for group in range(meta.num_row_groups):
+        lo, hi = np.searchsorted(rows, [starts[group], starts[group + 1]])
+        if lo == hi:
+            continue
+        local = rows[lo:hi] - starts[group]
+        if len(local) == starts[group + 1] - starts[group]:  # the whole row group
+            batches += parquet.read_row_group(group, columns=wanted).to_batches()
+            continue
+        offset = 0
+        for batch in parquet.iter_batches(batch_size=_READ_BATCH_ROWS, row_groups=[group], columns=wanted):
+            a, b = np.searchsorted(local, [offset, offset + batch.num_rows])
+            if a < b:
+                take = local[a:b] - offset
+                batches.append(batch if len(take) == batch.num_rows else batch.take(pa.array(take)))
+            offset += batch.num_rows
+            if offset > local[-1]:
+                break  # the rest of the row group holds no chosen row
+    return pa.Table.from_batches(batches, schema=schema)
+
+
+def _read_segment_rows(path: Path, columns: Sequence[str] | None, rows: np.ndarray | None) -> pa.Table:
+    if rows is None:
+        return _select(read_segment(path), columns)
+    tables = []
+    offset = taken = 0
+    with open(path, "rb") as handle:
+        reader = _open_stream(handle, path, quiet=True)
+        if reader is None:
+            return pa.table({})
+        for batch in _complete_batches(reader, path, quiet=True):  # warned when its times were read
+            count = batch.num_rows
+            a, b = np.searchsorted(rows, [offset, offset + count])
+            if a < b:
+                take = rows[a:b] - offset
+                table = _select(pa.Table.from_batches([batch]), columns)
+                tables.append(table if len(take) == count else table.take(pa.array(take)))
+                taken += len(take)
+            offset += count
+            if offset > rows[-1]:
+                break
+        empty = _select(reader.schema.empty_table(), columns)
+    if not empty.num_columns:  # no requested column here: only the row count matters, and tables without
+        return _rows_without_columns(taken)  # columns lose their rows in take() and concat_tables()
+    return pa.concat_tables(tables) if tables else empty
+
+
+def _rows_without_columns(count: int) -> pa.Table:
+    return pa.table({"_": pa.nulls(count)}).select([])
+
+
+def _times(fs: pafs.FileSystem, source: _Source) -> tuple[_Source, np.ndarray, pa.Schema]:
+    """The ``time`` column of one file as int64 microseconds since the epoch (UTC), the file's schema, and the
+    file it came from (a segment compacted meanwhile is read as its part from here on)."""
+    if source.segment is not None:
+        try:
+            return (source, *_segment_times(source.segment))
+        except FileNotFoundError:
+            source = _Source(source.part)
+    try:
+        with fs.open_input_file(source.part) as handle:
+            parquet = pq.ParquetFile(handle)
+            schema = parquet.schema_arrow
+            if "time" not in schema.names:
+                raise LogError("has no 'time' column: not a recorded traffic part")
+            return source, _micros(parquet.read(columns=["time"]).column("time")), schema
+    except FileNotFoundError as exc:
+        raise _Gone(str(exc)) from exc
+
+
+def _segment_times(path: Path) -> tuple[np.ndarray, pa.Schema]:
+    chunks = []
+    with open(path, "rb") as handle:
+        reader = _open_stream(handle, path)
+        if reader is None:
+            return np.empty(0, dtype=np.int64), pa.schema([])
+        if "time" not in reader.schema.names:
+            raise LogError("has no 'time' column: not a recorded traffic segment")
+        for batch in _complete_batches(reader, path):
+            chunks.append(_micros(batch.column("time")))  # a copy: the rest of the batch is freed here
+    return (np.concatenate(chunks) if chunks else np.empty(0, dtype=np.int64)), reader.schema
+
+
+def _micros(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    if not pa.types.is_timestamp(column.type):
+        raise LogError(f"its 'time' column has type {column.type}, not a timestamp")
+    micros = pc.cast(column, pa.timestamp("us", tz=column.type.tz), safe=False).cast(pa.int64())
+    micros = pc.fill_null(micros, _NO_TIME)  # a row without a time is the oldest
+    return np.array(micros, dtype=np.int64, copy=True)
+
+
+def _read_chosen(
+    fs: pafs.FileSystem,
+    sources: list[_Source],
+    columns: Sequence[str] | None,
+    max_rows: int | None,
+    since: datetime | None,
+    sample_seed: int | None,
+    strict: bool,
+    log_dir: Path | str,
+    fields: dict[str, pa.Field],
+) -> list[pa.Table | None]:
+    """Read every file's time column, choose the rows, then read only those (see :func:`read_logs`); the fields
+    of every file read go into ``fields``."""
+    kept: list[_Source] = []
+    times: list[np.ndarray] = []
+    for source in sources:
+        try:
+            source, micros, schema = _times(fs, source)
+        except _Gone as exc:
+            logger.warning("%s disappeared while the log was read (%s)", source.shown(), exc)
+            continue
+        except (LogError, OSError, pa.ArrowException) as exc:
+            _unreadable(fs, source, exc, strict, None)
+            continue
+        for field in schema:
+            fields.setdefault(field.name, field)
+        if len(micros):
+            kept.append(source)
+            times.append(micros)
+    if not times:
+        return []
+    starts = np.cumsum([0] + [len(t) for t in times])
+    every = np.concatenate(times)
+    del times
+    chosen = np.arange(len(every), dtype=np.int64)
+    if since is not None:
+        chosen = np.flatnonzero(every >= (since - _EPOCH) // timedelta(microseconds=1))
+        if not len(chosen):
+            latest = int(every.max())
+            newest = (
+                "none has a time"
+                if latest == _NO_TIME
+                else f"the newest is from {_EPOCH + timedelta(microseconds=latest)}"
+            )
+            raise LogError(
+                f"no recorded rows at or after {since.isoformat()} in {log_dir}; {newest}. Hint: pass an earlier since"
+            )
+    if max_rows is not None and len(chosen) > max_rows:
+        if sample_seed is None:
+            # Stable: among rows of equal time, the later in file order count as newer.
+            newest = np.argsort(every[chosen], kind="stable")[-max_rows:]
+            chosen = np.sort(chosen[newest])
+        else:
+            chosen = np.sort(np.random.default_rng(sample_seed).choice(chosen, size=max_rows, replace=False))
+    del every
+    tables = []
+    bounds = np.searchsorted(chosen, starts)
+    for i, source in enumerate(kept):
+        rows = chosen[bounds[i] : bounds[i + 1]] - starts[i]
+        if len(rows):
+            tables.append(_read_or_skip(fs, source, columns, rows, strict))
+    return tables

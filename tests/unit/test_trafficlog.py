@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
+import re
 import shutil
+import struct
+import subprocess
+import sys
+import textwrap
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +27,7 @@ import pytest
 from layercache import trafficlog as logs
 from layercache.errors import LogError
 
+REPO = Path(__file__).resolve().parents[2]
 NODES = ["layer1.0.relu_1", "layer2.1.relu_1"]
 
 
@@ -382,6 +389,27 @@ def test_segment_and_its_part_are_not_read_twice(tmp_path: Path) -> None:
     assert logs.read_logs(tmp_path).num_rows == 4
 
 
+def test_a_failed_compaction_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defect 2 (a full disk fills up further): a Parquet write that fails half-way removed nothing; its temp file
+    stayed. Now it is deleted and the segment kept for a later compaction."""
+    schema = logs.make_schema(NODES)
+    segment = _write_segment(tmp_path, "s", [_batch(schema, "s")])
+
+    def half_written(table: pa.Table, where: object, **kwargs: object) -> None:
+        handle = open(where, "wb") if isinstance(where, (str, Path)) else where  # noqa: SIM115
+        handle.write(b"PAR1 and then the disk was full")
+        handle.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(logs.pq, "write_table", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        logs.compact_segment(segment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_segments"]
+    assert segment.exists()
+    monkeypatch.undo()
+    assert logs.compact_segment(segment) == tmp_path / "part-seg-s.parquet"
+
+
 # ----------------------------------------------------------------------------------------------- read_logs
 
 
@@ -448,3 +476,220 @@ def test_bodies_are_kept_as_received_and_replay_as_the_rows_torchserve_gives() -
     assert table["input"][3].as_py() == inputs[3].astype(np.float16).tobytes()
     assert table["confidence"].to_pylist() == [None, pytest.approx(0.9), None, pytest.approx(0.7)]
     assert table["backbone_prediction"].to_pylist() == [0, None, 2, 3]
+
+
+# --------------------------------------------------------------------------------------- unreadable files
+
+
+def _parts(log_dir: Path, sizes: dict[str, int]) -> dict[str, Path]:
+    """Compacted parts, one per name, with ``sizes[name]`` rows each."""
+    schema = logs.make_schema(NODES)
+    for name, rows in sizes.items():
+        _write_segment(log_dir, name, [_batch(schema, name, rows)])
+    logs.compact(log_dir)
+    return {name: log_dir / f"part-seg-{name}.parquet" for name in sizes}
+
+
+def test_read_logs_skips_a_truncated_part_naming_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Defect 4 (a corrupt part blocked every build with a raw pyarrow traceback naming no file): a part cut short
+    (its footer gone) is skipped with one warning naming it, rows lost unknown; strict=True raises LogError naming
+    it."""
+    parts = _parts(tmp_path, {"a": 3, "b": 4, "c": 2})
+    with open(parts["b"], "r+b") as handle:
+        handle.truncate(parts["b"].stat().st_size // 2)
+    for kwargs in ({}, {"max_rows": 100}):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="layercache.trafficlog"):
+            ids = logs.read_logs(tmp_path, **kwargs)["request_id"].to_pylist()
+        assert ids == ["a-0", "a-1", "a-2", "c-0", "c-1"]
+        (warning,) = caplog.records
+        assert str(parts["b"]) in warning.getMessage() and "rows lost: unknown" in warning.getMessage()
+    with pytest.raises(LogError, match=re.escape(str(parts["b"]))):
+        logs.read_logs(tmp_path, strict=True)
+    with pytest.raises(LogError, match=re.escape(str(parts["b"]))):
+        logs.read_logs(tmp_path, strict=True, max_rows=2)
+
+
+def test_read_logs_counts_the_rows_of_a_corrupt_part_from_its_footer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defect 4: a part whose pages are garbage but whose footer is intact is skipped, its row count stated."""
+    parts = _parts(tmp_path, {"a": 3, "b": 4})
+    data = bytearray(parts["b"].read_bytes())
+    footer_end = len(data) - 8 - struct.unpack("<I", data[-8:-4])[0]
+    data[4:footer_end] = b"\xab" * (footer_end - 4)
+    parts["b"].write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="layercache.trafficlog"):
+        assert logs.read_logs(tmp_path).num_rows == 3
+    (warning,) = caplog.records
+    assert str(parts["b"]) in warning.getMessage() and "rows lost: 4" in warning.getMessage()
+
+
+def test_read_logs_skips_a_segment_that_is_not_a_stream(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Defect 4 (an unreadable segment stopped the read): it is skipped with a warning naming it; strict raises."""
+    _parts(tmp_path, {"a": 3})
+    bad = logs.segment_dir(tmp_path) / "seg-bad.arrows"
+    bad.write_bytes(b"garbage garbage garbage")
+    with caplog.at_level(logging.WARNING, logger="layercache.trafficlog"):
+        assert logs.read_logs(tmp_path).num_rows == 3
+    (warning,) = caplog.records
+    assert str(bad) in warning.getMessage() and "rows lost: unknown" in warning.getMessage()
+    with pytest.raises(LogError, match=re.escape(str(bad))):
+        logs.read_logs(tmp_path, strict=True)
+
+
+# ----------------------------------------------------------------------------------- choosing rows to read
+
+BASE = datetime(2026, 12, 1, tzinfo=UTC)
+
+
+def _timed_log(log_dir: Path, parts: int = 12, per_part: int = 5, live: int = 5) -> dict[str, datetime]:
+    """``parts`` compacted parts and a live segment of one-row batches, their times shuffled across files so that
+    file order is not time order. Returns each row's time by id."""
+    schema = logs.make_schema(NODES)
+    minutes = np.random.default_rng(7).permutation((parts + 1) * per_part)
+    times: dict[str, datetime] = {}
+
+    def one(name: str, k: int) -> pa.RecordBatch:
+        when = BASE + timedelta(minutes=int(minutes[k]))
+        times[f"{name}-0"] = when
+        return logs.encode_batch(
+            schema,
+            request_ids=[f"{name}-0"],
+            model_name="m",
+            model_version="1",
+            weights_fingerprint="f",
+            inputs=np.full((1, 3, 4, 5), k, dtype=np.float32),
+            probs=np.eye(10)[[k % 10]],
+            exits=["backbone"],
+            time=when,
+        )
+
+    k = 0
+    for p in range(parts + 1):
+        batches = []
+        for r in range(per_part if p < parts else live):
+            batches.append(one(f"p{p:02d}r{r}", k))
+            k += 1
+        _write_segment(log_dir, f"{p:02d}", batches)
+        if p < parts:
+            logs.compact(log_dir)
+    assert len(list(logs.segment_dir(log_dir).glob("seg-*.arrows"))) == 1  # the live one
+    return times
+
+
+def test_read_logs_max_rows_returns_exactly_the_newest_rows(tmp_path: Path) -> None:
+    """Defect 5 (logs larger than memory): max_rows gives the newest rows by time, across parts and the live
+    segment, in file order and with every column as the full read has it."""
+    times = _timed_log(tmp_path)
+    full = logs.read_logs(tmp_path)
+    newest = sorted(times, key=times.get)[-7:]
+    got = logs.read_logs(tmp_path, max_rows=7)
+    ids = got["request_id"].to_pylist()
+    assert sorted(ids) == sorted(newest)
+    assert got.equals(full.filter(pc.is_in(full["request_id"], pa.array(newest))))
+    assert logs.read_logs(tmp_path, max_rows=len(times)).equals(full)
+    assert logs.read_logs(tmp_path, max_rows=7, include_live=False).num_rows == 7
+    some = logs.read_logs(tmp_path, max_rows=3, columns=["request_id", "act:layer2.1.relu_1"])
+    assert some.column_names == ["request_id", "act:layer2.1.relu_1"]
+    assert sorted(some["request_id"].to_pylist()) == sorted(newest[-3:])
+    with pytest.raises(ValueError, match="max_rows must be an int >= 1"):
+        logs.read_logs(tmp_path, max_rows=0)
+
+
+def test_read_logs_since_keeps_the_rows_at_or_after_it(tmp_path: Path) -> None:
+    """Defect 5: since filters by the time column (inclusive), alone or with max_rows."""
+    times = _timed_log(tmp_path)
+    cut = sorted(times.values())[40]
+    after = {i for i, t in times.items() if t >= cut}
+    assert len(after) == len(times) - 40
+    assert set(logs.read_logs(tmp_path, since=cut)["request_id"].to_pylist()) == after
+    got = logs.read_logs(tmp_path, since=cut, max_rows=5, columns=["time"])
+    assert sorted(got["time"].to_pylist()) == sorted(times.values())[-5:]
+    with pytest.raises(ValueError, match="no timezone"):
+        logs.read_logs(tmp_path, since=datetime(2026, 12, 1))
+    with pytest.raises(LogError, match="no recorded rows at or after 2027-01-01.*the newest is from 2026-12-01"):
+        logs.read_logs(tmp_path, since=datetime(2027, 1, 1, tzinfo=UTC))
+
+
+def test_read_logs_sample_is_seeded(tmp_path: Path) -> None:
+    """Defect 5: sample_seed draws max_rows rows at random instead of the newest: the same seed the same rows."""
+    times = _timed_log(tmp_path)
+    cut = sorted(times.values())[20]
+    first = logs.read_logs(tmp_path, max_rows=10, sample_seed=3, since=cut)
+    assert first.equals(logs.read_logs(tmp_path, max_rows=10, sample_seed=3, since=cut))
+    ids = first["request_id"].to_pylist()
+    assert len(set(ids)) == 10 and all(times[i] >= cut for i in ids)
+    other = logs.read_logs(tmp_path, max_rows=10, sample_seed=4, since=cut)["request_id"].to_pylist()
+    assert set(other) != set(ids)
+    newest = set(sorted(times, key=times.get)[-10:])
+    assert set(ids) != newest
+    with pytest.raises(ValueError, match="give max_rows too"):
+        logs.read_logs(tmp_path, sample_seed=3)
+
+
+def test_read_logs_reads_a_log_dir_given_as_a_uri(tmp_path: Path) -> None:
+    """Defect 5: a log dir as a pyarrow.fs URI (file:// here; s3:// and the like read their Parquet parts)."""
+    _timed_log(tmp_path)
+    assert logs.read_logs(tmp_path.as_uri()).equals(logs.read_logs(tmp_path))
+    assert logs.read_logs(tmp_path.as_uri(), max_rows=4).equals(logs.read_logs(tmp_path, max_rows=4))
+    with pytest.raises(LogError, match="does not exist"):
+        logs.read_logs((tmp_path / "missing").as_uri())
+    with pytest.raises(LogError, match="not a URI pyarrow.fs understands"):
+        logs.read_logs("nosuchscheme://bucket/logs")
+
+
+def test_read_logs_with_max_rows_reads_only_the_chosen_rows(tmp_path: Path) -> None:
+    """Defect 5 (logs larger than memory): with max_rows only the time column of every file is read whole; the
+    peak of Arrow memory stays far below that of the full read (which grows with the log)."""
+    schema = logs.make_schema([])
+    for p in range(12):
+        rng = np.random.default_rng(p)
+        batches = [
+            logs.encode_batch(
+                schema,
+                request_ids=[f"{p}-{b}-{i}" for i in range(25)],
+                model_name="m",
+                model_version="1",
+                weights_fingerprint="f",
+                inputs=rng.normal(size=(25, 3, 32, 32)),
+                probs=rng.dirichlet(np.ones(10), size=25),
+                exits=["backbone"] * 25,
+            )
+            for b in range(2)
+        ]
+        _write_segment(tmp_path, f"{p:02d}", batches)
+    logs.compact(tmp_path)
+
+    # A fresh process: its Arrow memory pool's peak counts this read alone. Peaks only grow: full read last.
+    script = textwrap.dedent(
+        f"""
+        import pyarrow as pa
+        from layercache import trafficlog as logs
+        for kwargs in ({{"max_rows": 10}}, {{"max_rows": 10, "sample_seed": 0}}, {{}}):
+            rows = logs.read_logs({str(tmp_path)!r}, **kwargs).num_rows
+            print(rows, pa.default_memory_pool().max_memory())
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (newest, newest_peak), (sample, sample_peak), (full, full_peak) = [
+        tuple(int(v) for v in line.split()) for line in done.stdout.split("\n") if line
+    ]
+    assert (newest, sample, full) == (10, 10, 600)
+    assert full_peak > 600 * 3 * 32 * 32 * 2  # the inputs alone, float16
+    assert newest_peak <= sample_peak < full_peak / 3
+
+
+def test_read_logs_max_rows_fills_a_column_the_chosen_files_lack(tmp_path: Path) -> None:
+    """Defect 5: when the chosen rows all come from files of a build that did not record an act column, that
+    column reads as null (as in the full read), not "in no file"."""
+    old = logs.make_schema(["layer1.0.relu_1"])
+    new = logs.make_schema(["layer1.0.relu_1", "layer3.1.relu_1"])
+    _write_segment(tmp_path, "new", [_batch(new, "new", 3, acts={"layer3.1.relu_1": 4})])
+    logs.compact(tmp_path)
+    _write_segment(tmp_path, "old", [_batch(old, "old", 2)])  # the newest rows, live, without layer3
+    got = logs.read_logs(tmp_path, columns=["request_id", "act:layer3.1.relu_1"], max_rows=2)
+    assert got["request_id"].to_pylist() == ["old-0", "old-1"]
+    assert got["act:layer3.1.relu_1"].null_count == 2 and got["act:layer3.1.relu_1"].type == pa.binary()
