@@ -72,7 +72,7 @@ _HINT_NOT_FOUND = "list what is registered with GET /models and GET /models/<mod
 _HINT_NOT_IN_STORE = (
     "a local .mar must sit directly in the server's model_store (url=<file name>) or be given as a "
     "file:// URL that allowed_urls accepts (the shipped config.properties accepts none: copy the .mar into the "
-    "model store, or add its folder to allowed_urls, e.g. file:///srv/builds/[^/]*\\.mar)"
+    "model store, or add its folder to allowed_urls, e.g. file:///srv/builds/[^/]*[.]mar)"
 )
 _HINT_DEFAULT_DELETE = (
     "the default version cannot be unregistered while other versions exist: set another default first"
