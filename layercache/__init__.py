@@ -12,7 +12,8 @@ plain ``nn.Module`` outside TorchServe, and swap versions in a running TorchServ
         lc.BuildRequest(mar=Path("fashion_rec.mar"), logs=Path("logs/fashion"), output=Path("fashion_cached.mar"))
     )
     model = lc.load_cached(Path("fashion_cached.mar"))        # CachedModel: model(x) -> scores
-    lc.swap_version(lc.ManagementClient("http://127.0.0.1:8081"), lc.SwapRequest("fashion", outcome.output))
+    client = lc.ManagementClient("http://127.0.0.1:8081", token=lc.read_token("key_file.json"))  # TorchServe's keys
+    lc.swap_version(client, lc.SwapRequest("fashion", outcome.output))
 
 Everything else lives in the submodules (``layercache.graph``, ``layercache.selection``...). Only
 :mod:`layercache.torchserve_adapter` imports TorchServe. Names are imported on first use, so ``import layercache``
@@ -36,6 +37,7 @@ _EXPORTS = {
     "SwapRequest": "layercache.swap",
     "build_cached_archive": "layercache.pipeline",
     "load_cached": "layercache.loading",
+    "read_token": "layercache.management",
     "read_logs": "layercache.trafficlog",
     "record_images": "layercache.offline",
     "rollback": "layercache.swap",

@@ -25,3 +25,7 @@ class InputError(LayercacheError, ValueError):
 
 class ArchiveError(LayercacheError, ValueError):
     """A .mar archive is missing a part or is not what the command expects."""
+
+
+class TokenError(LayercacheError, ValueError):
+    """TorchServe's key file is missing or unreadable, or the key asked for is absent or expired."""

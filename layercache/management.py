@@ -3,18 +3,25 @@
 TorchServe 0.12 facts this client relies on (see docs/management_api.md and the frontend source of v0.12.0):
 
 - ``POST /models?url=...`` takes either the file name of a ``.mar`` inside the server's ``model_store`` or a URL
-  matching ``allowed_urls`` (default ``file://.*|http(s)?://.*``); a ``file://`` or ``http(s)://`` archive is
-  copied into the model store first (and deleted from it again on unregister). A bare absolute path is *not*
-  read: only its file name is looked up in the model store. :func:`archive_url` picks the right form.
+  matching one of the comma-separated regexes of ``allowed_urls`` (TorchServe's default ``file://.*|http(s)?://.*``;
+  the shipped config.properties allows none); a ``file://`` or ``http(s)://`` archive is copied into the model
+  store first (and deleted from it again on unregister), any other URL is refused with 404 "does not match any
+  allowed URL(s)". A plain file name is never matched against ``allowed_urls``; a bare absolute path is *not*
+  read either: only its file name is looked up in the model store. :func:`archive_url` picks the right form.
 - ``GET /models/{model}`` describes the default version; ``GET /models/{model}/all`` every version. 0.12's
   descriptions carry no ``isDefault`` field, so :meth:`ManagementClient.default_version` asks for the former.
 - Errors come back as ``{"code": ..., "type": ..., "message": ...}``. With token authorization on, a request
   without a valid ``Authorization: Bearer`` header gets 400 ``InvalidKeyException``; with the model API off,
   register and unregister get 405.
+- Token authorization (on unless ``disable_token_authorization=true``): at start TorchServe writes
+  ``key_file.json`` (mode 600) into the directory it was started from, with a ``management``, an ``inference``
+  and an ``API`` key; the first two expire ``token_expiration_min`` minutes (default 60) after they were made.
+  The ``API`` key renews one of them (``GET /token?type=management`` on the management address), which rewrites
+  the file. :func:`read_token` reads a key from it.
 
 Example::
 
-    client = ManagementClient("http://127.0.0.1:8081")
+    client = ManagementClient("http://127.0.0.1:8081", token=read_token("key_file.json"))
     client.register("resnet_cached.mar", "resnet", initial_workers=1)
 """
 
@@ -28,22 +35,44 @@ import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from layercache.errors import ArchiveError, LayercacheError
+from layercache.errors import ArchiveError, LayercacheError, TokenError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ManagementClient", "ManagementError", "archive_url", "mar_version"]
+__all__ = [
+    "KEY_APIS",
+    "KEY_FILE",
+    "TOKEN_ENV",
+    "ManagementClient",
+    "ManagementError",
+    "archive_url",
+    "mar_version",
+    "read_token",
+]
+
+#: The file TorchServe writes its keys to, in the directory it was started from (its working directory).
+KEY_FILE = "key_file.json"
+#: The sections of that file: one key per API (``API`` is the key of the token API, which renews the others).
+KEY_APIS = ("management", "inference", "API")
+#: The environment variable ``swap_version.py`` reads the management key from (not shown by ``ps``, unlike argv).
+TOKEN_ENV = "LAYERCACHE_MANAGEMENT_TOKEN"
 
 _HINT_MODEL_API = "the model API is off: set enable_model_api=true in config.properties"
-_HINT_TOKEN = "token authorization is on: pass --token or set disable_token_authorization=true"
+_HINT_TOKEN = (
+    "token authorization is on: send the management key from the key_file.json in the directory TorchServe was "
+    f"started from (swap_version.py --key-file, or ${TOKEN_ENV}); keys expire token_expiration_min minutes "
+    "(default 60) after TorchServe made them: renew one with GET /token?type=management and the file's API key"
+)
 _HINT_CONFLICT = "version already registered: unregister it or archive with another --version"
 _HINT_NOT_FOUND = "list what is registered with GET /models and GET /models/<model>/all"
 _HINT_NOT_IN_STORE = (
     "a local .mar must sit directly in the server's model_store (url=<file name>) or be given as a "
-    "file:// URL that allowed_urls accepts"
+    "file:// URL that allowed_urls accepts (the shipped config.properties accepts none: copy the .mar into the "
+    "model store, or add its folder to allowed_urls, e.g. file:///srv/builds/[^/]*[.]mar)"
 )
 _HINT_DEFAULT_DELETE = (
     "the default version cannot be unregistered while other versions exist: set another default first"
@@ -312,6 +341,71 @@ def _parse_error(body: bytes, reason: object) -> tuple[str, str]:
         message = payload.get("message") or payload.get("status") or text
         return str(payload.get("type", "")), str(message)
     return "", text
+
+
+def read_token(path: str | Path = KEY_FILE, api: str = "management", *, now: datetime | None = None) -> str:
+    """The ``api`` key from TorchServe's ``key_file.json``.
+
+    Args:
+        path: the key file; TorchServe writes it into the directory it was started from.
+        api: ``management`` (register, swap, scale...), ``inference`` (``/predictions``, ``/ping``...) or ``API``
+            (the token API that renews the other two).
+        now: the time to check the key's ``expiration time`` against; the current time when None.
+
+    Raises:
+        TokenError: the file is missing, unreadable or not TorchServe's JSON, has no such key, or says the key
+            has expired.
+
+    Example::
+
+        client = ManagementClient("http://127.0.0.1:8081", token=read_token("key_file.json"))
+    """
+    if api not in KEY_APIS:
+        raise ValueError(f"api must be one of {', '.join(KEY_APIS)}, got {api!r}")
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TokenError(
+            f"key file {str(path)!r} does not exist: with token authorization on, TorchServe writes {KEY_FILE} "
+            "into the directory it was started from (torchserve --start from the repository root puts it there)"
+        ) from None
+    except PermissionError:
+        raise TokenError(
+            f"key file {str(path)!r} is not readable: TorchServe makes it readable by the user who started it only "
+            "(mode 600); run as that user"
+        ) from None
+    except IsADirectoryError:
+        raise TokenError(f"key file {str(path)!r} is a directory: pass the {KEY_FILE} inside it") from None
+    try:
+        keys = json.loads(text)
+    except ValueError as error:
+        raise TokenError(
+            f"key file {str(path)!r} is not valid JSON ({error}): is it TorchServe's {KEY_FILE}?"
+        ) from None
+    entry = keys.get(api) if isinstance(keys, dict) else None
+    key = entry.get("key") if isinstance(entry, dict) else None
+    if not isinstance(key, str) or not key:
+        found = ", ".join(sorted(keys)) if isinstance(keys, dict) else type(keys).__name__
+        raise TokenError(
+            f"key file {str(path)!r} has no {api} key (found: {found or 'nothing'}): is it TorchServe's {KEY_FILE}?"
+        )
+    expires = entry.get("expiration time")
+    if expires is not None:
+        try:
+            expiry = datetime.fromisoformat(str(expires))
+        except ValueError:
+            logger.warning("key file %s: unreadable expiration time %r of the %s key; using it", path, expires, api)
+            return key
+        if expiry.tzinfo is None:
+            expiry = expiry.replace(tzinfo=UTC)
+        if (now or datetime.now(UTC)) >= expiry:
+            raise TokenError(
+                f"the {api} key in {str(path)!r} expired at {expiry.isoformat(timespec='seconds')}: TorchServe's keys "
+                f"live token_expiration_min minutes (default 60); renew it with the file's API key, which rewrites "
+                f'the file: curl -H "Authorization: Bearer <API key>" "<management address>/token?type={api}"'
+            )
+    return key
 
 
 def mar_version(path: str | Path) -> tuple[str, str]:

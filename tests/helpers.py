@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -164,3 +165,72 @@ def cached_archive(
         sample_file=sample_file,
         force=True,
     )
+
+
+WINNER_MODEL = '''"""A classifier whose answer does not depend on its input: the bias alone picks the top class."""
+
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(3, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(x), 1))
+'''
+
+
+def winner_archive(work: Path, version: str, winner: int, export_dir: Path, name: str = "tiny") -> Path:
+    """``export_dir/<name>.mar``: a stock ``image_classifier`` archive of a network whose output always ranks
+    class ``winner`` first (zero weights, one-hot bias), so each answer tells which version served it."""
+    import torch
+    from model_archiver.model_archiver import ModelArchiver
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+
+    model_file = work / "tiny_model.py"
+    model_file.write_text(WINNER_MODEL, encoding="utf-8")
+    bias = torch.zeros(10)
+    bias[winner] = 10.0
+    weights = work / f"tiny_{version}.pt"
+    torch.save({"fc.weight": torch.zeros(10, 3), "fc.bias": bias}, weights)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    ModelArchiver.generate_model_archive(
+        ModelArchiverConfig(
+            model_name=name,
+            handler="image_classifier",
+            version=version,
+            serialized_file=str(weights),
+            model_file=str(model_file),
+            export_path=str(export_dir),
+            force=True,
+        )
+    )
+    return export_dir / f"{name}.mar"
+
+
+def solid_png(size: int = 32) -> bytes:
+    """One RGB PNG of a single colour."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (120, 30, 200)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """The entries of a TorchServe ``config.properties`` (Java Properties: ``#``/``!`` comments, ``key=value``,
+    a backslash escapes the next character). Enough for the files this repository ships."""
+    entries = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line[0] in "#!":
+            continue
+        key, _, value = line.partition("=")
+        entries[key.strip()] = re.sub(r"\\(.)", r"\1", value.strip())
+    return entries

@@ -306,9 +306,12 @@ def recording_cost(paths: dict[str, Path], repeats: int, batches: tuple[int, ...
 
 
 # ----------------------------------------------------------------------------------------------- serving
-def load(url: str, blobs: list[bytes], concurrency: int, names: dict[str, int]) -> tuple[Run, dict[str, Any]]:
-    """Closed loop: ``concurrency`` clients send ``blobs`` (each once) as fast as answers come back."""
-    run = send_all(url, blobs, concurrency, names, desc=url.rsplit("/", 1)[-1])
+def load(
+    url: str, blobs: list[bytes], concurrency: int, names: dict[str, int], token: str | None
+) -> tuple[Run, dict[str, Any]]:
+    """Closed loop: ``concurrency`` clients send ``blobs`` (each once) as fast as answers come back; ``token`` is
+    the inference key (TorchServe runs with token authorization on)."""
+    run = send_all(url, blobs, concurrency, names, desc=url.rsplit("/", 1)[-1], token=token)
     return run, {"concurrency": concurrency, **summarize_latency(from_run(run))}
 
 
@@ -340,9 +343,11 @@ def serve(
             models = {"original": paths["mar"].name, "cached": paths["cached"].name, "recording": paths["rec"].name}
             for name, mar in models.items():
                 client.register(mar, f"m_{name}", initial_workers=1, batch_size=8, max_batch_delay_ms=20)
-            base = ts.inference_url
+            base, token = ts.inference_url, ts.inference_token
             # Trunk check: every unseen image through both services.
-            runs = {name: load(f"{base}/predictions/m_{name}", blobs, 8, names)[0] for name in ("original", "cached")}
+            runs = {
+                name: load(f"{base}/predictions/m_{name}", blobs, 8, names, token)[0] for name in ("original", "cached")
+            }
             original, cached = from_run(runs["original"]), from_run(runs["cached"])
             scored = score(cached, reference=original.predicted, labels=labels, costs=exit_flops(report))
             out["trunk"] = {
@@ -362,7 +367,7 @@ def serve(
                 for r in range(repeats):
                     sample = [blobs[i] for i in np.random.default_rng(r).choice(len(blobs), n_requests, False)]
                     for name in models:
-                        per[name].append(load(f"{base}/predictions/m_{name}", sample, c, names)[1])
+                        per[name].append(load(f"{base}/predictions/m_{name}", sample, c, names, token)[1])
                 row = {"concurrency": c}
                 for name, rs in per.items():
                     row[name] = {

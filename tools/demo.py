@@ -230,8 +230,11 @@ class Demo:
 
 
 # ------------------------------------------------------------------------------------------------------ steps
-def send(url: str, images: Sequence[Image], concurrency: int, names: dict[str, int], desc: str) -> Any:
-    """Every image once with ``concurrency`` client threads; answers come back in image order."""
+def send(
+    url: str, images: Sequence[Image], concurrency: int, names: dict[str, int], desc: str, token: str | None
+) -> Any:
+    """Every image once with ``concurrency`` client threads; answers come back in image order. ``token``: the
+    inference key (TorchServe runs with token authorization on)."""
     from layercache.progress import progress
     from layercache.testing.load import send_all
 
@@ -239,14 +242,16 @@ def send(url: str, images: Sequence[Image], concurrency: int, names: dict[str, i
         return progress(answers, label, total=total)
 
     bodies = [img.path.read_bytes() for img in images]
-    return send_all(url, bodies, concurrency, names, progress=bar, desc=desc)
+    return send_all(url, bodies, concurrency, names, progress=bar, desc=desc, token=token)
 
 
 class BackgroundLoad:
     """Requests to the default route from a few threads until stopped: what clients see during the swap."""
 
-    def __init__(self, url: str, bodies: Sequence[bytes], names: dict[str, int], threads: int = 2) -> None:
-        self.url, self.bodies, self.names = url, list(bodies), names
+    def __init__(
+        self, url: str, bodies: Sequence[bytes], names: dict[str, int], token: str | None, threads: int = 2
+    ) -> None:
+        self.url, self.bodies, self.names, self.token = url, list(bodies), names, token
         self.answers: list[Any] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -258,7 +263,7 @@ class BackgroundLoad:
         deadline = time.monotonic() + 600.0  # stops by itself, whatever happens
         i = offset
         while not self._stop.is_set() and time.monotonic() < deadline:
-            answer = predict(self.url, self.bodies[i % len(self.bodies)], self.names)
+            answer = predict(self.url, self.bodies[i % len(self.bodies)], self.names, token=self.token)
             with self._lock:
                 self.answers.append(answer)
             i += len(self._threads)
@@ -328,7 +333,9 @@ def start(demo: Demo) -> None:
 
 def send_traffic(demo: Demo) -> None:
     """Every traffic image over HTTP: the recording archive answers and records each one."""
-    run = send(demo.predictions, demo.traffic, demo.args.concurrency, demo.names, "traffic")
+    run = send(
+        demo.predictions, demo.traffic, demo.args.concurrency, demo.names, "traffic", demo.server.inference_token
+    )
     logger.info("traffic: %d requests in %.1f s, %d failed", len(run.answers), run.seconds, run.failed)
     if run.failed == len(run.answers):
         raise DemoError(f"every traffic request failed; see the TorchServe logs in {demo.server.workdir}")
@@ -369,7 +376,7 @@ def swap_under_load(demo: Demo) -> None:
         model_store=demo.store,
         state_file=demo.out / ".layercache-swap.json",
     )
-    with BackgroundLoad(demo.predictions, bodies, demo.names) as load:
+    with BackgroundLoad(demo.predictions, bodies, demo.names, demo.server.inference_token) as load:
         t0 = time.perf_counter()
         swap_version(demo.server.client(timeout_s=180), request)
         demo.swap_seconds = time.perf_counter() - t0
@@ -384,10 +391,11 @@ def swap_under_load(demo: Demo) -> None:
 
 def evaluate(demo: Demo) -> None:
     """The evaluation images to each version, after a short warm-up, at the same concurrency."""
+    token = demo.server.inference_token
     for version in (VERSION, CACHED_VERSION):
         url = f"{demo.predictions}/{version}"
-        send(url, demo.evaluation[:WARMUP_REQUESTS], demo.args.concurrency, demo.names, f"warm-up {version}")
-        demo.runs[version] = send(url, demo.evaluation, demo.args.concurrency, demo.names, f"eval {version}")
+        send(url, demo.evaluation[:WARMUP_REQUESTS], demo.args.concurrency, demo.names, f"warm-up {version}", token)
+        demo.runs[version] = send(url, demo.evaluation, demo.args.concurrency, demo.names, f"eval {version}", token)
 
 
 # ---------------------------------------------------------------------------------------------------- summary
@@ -530,11 +538,12 @@ def run_demo(args: DemoArgs, steps: Steps) -> str:
     finally:
         if args.keep_running and started and demo.server.workdir is not None:
             logger.warning(
-                "TorchServe keeps running (inference %s, management %s, metrics %s). Stop it with:\n"
-                "  TMPDIR=%s %s -m ts.model_server --stop --foreground",
+                "TorchServe keeps running (inference %s, management %s, metrics %s; token authorization on, keys "
+                "in %s). Stop it with:\n  TMPDIR=%s %s -m ts.model_server --stop --foreground",
                 demo.server.inference_url,
                 demo.server.management_url,
                 demo.server.metrics_url,
+                demo.server.key_file,
                 demo.server.workdir / "tmp",
                 sys.executable,
             )

@@ -4,29 +4,43 @@ A swap registers the new archive next to the running version, waits until one of
 then moves the default (PUT /models/NAME/VERSION/set-default), so /predictions/NAME is answered by the old
 version until the new one can answer. The old version stays registered with its workers (instant rollback)
 unless --retire-old. Each swap writes the previous and new default to a state file that --rollback reads.
+
+With TorchServe's token authorization on, the management key comes from --key-file (TorchServe's key_file.json),
+$LAYERCACHE_MANAGEMENT_TOKEN, or ./key_file.json; --token works too but puts the key where other users see it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from layercache.cli import FAILED, setup_logging
-from layercache.errors import ArchiveError, ConfigError, LayercacheError
-from layercache.management import ManagementClient, mar_version
+from layercache.errors import ArchiveError, ConfigError, LayercacheError, TokenError
+from layercache.management import KEY_FILE, TOKEN_ENV, ManagementClient, mar_version, read_token
 from layercache.swap import STATE_FILE, SwapRequest, rollback, swap_version
 
 logger = logging.getLogger("layercache.swap")
 
 EPILOG = """\
 examples:
-  # serve model-store/model_cached.mar as the default version of "resnet" (the old version keeps running)
+  # serve model-store/model_cached.mar as the default version of "resnet" (the old version keeps running);
+  # the management key is read from ./key_file.json, which TorchServe writes into the directory it was started
+  # from (the repository root with `torchserve --start --ts-config config.properties` there)
   python tools/swap_version.py --model resnet --mar model-store/model_cached.mar
 
-  # an archive outside the model store is registered by file:// URL (TorchServe copies it into its store)
+  # TorchServe started from another directory: read its key file there
+  python tools/swap_version.py --model resnet --mar model-store/model_cached.mar --key-file /srv/ts/key_file.json
+
+  # or give the key in the environment (e.g. from a secret store; not shown by ps, unlike --token)
+  LAYERCACHE_MANAGEMENT_TOKEN="$(cat /run/secrets/ts-management-key)" \\
+    python tools/swap_version.py --model resnet --mar model-store/model_cached.mar
+
+  # an archive outside the model store is registered by file:// URL (TorchServe copies it into its store), which
+  # only works where allowed_urls accepts it (config.properties accepts no URL: copy the .mar into the store)
   python tools/swap_version.py --model resnet --mar /tmp/build/resnet.mar --workers 2 --timeout 300
 
   # swap, then unregister the old version 5 s after the switch
@@ -41,7 +55,7 @@ examples:
 state file: each swap or rollback records {"MODEL": {"previous": OLD, "current": NEW, ...}} in
 .layercache-swap.json in the current directory (see --state-file); --rollback without --to sets "previous"
 back as the default. Exit status: 0 done, 1 TorchServe refused or failed (message and hint logged),
-2 usage error.
+2 usage error (also a key file that is missing, unreadable or holds an expired key).
 """
 
 
@@ -65,10 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--management", default="http://127.0.0.1:8081", help="TorchServe management address (default: %(default)s)"
     )
-    parser.add_argument(
+    key = parser.add_mutually_exclusive_group()
+    key.add_argument(
+        "--key-file",
+        type=Path,
+        default=None,
+        help="TorchServe's key_file.json, which it writes into the directory it was started from when token "
+        f"authorization is on; the management key is read from it (default: ${TOKEN_ENV} when set, else "
+        f"{KEY_FILE} in the current directory when it exists, else no key)",
+    )
+    key.add_argument(
         "--token",
         default=None,
-        help="management token from TorchServe's key_file.json, needed when token authorization is on (default: none)",
+        help="the management key itself. Visible to other users of this machine (ps) and kept in shell history: "
+        f"prefer --key-file or ${TOKEN_ENV} (default: none)",
     )
     parser.add_argument(
         "--workers", type=int, default=1, help="workers to start for the new version (default: %(default)s)"
@@ -134,6 +158,7 @@ class SwapArgs:
 
     management: str
     token: str | None
+    token_source: str
     rollback: bool
     request: SwapRequest
     quiet: bool
@@ -149,6 +174,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> S
         parser.error("--to only goes with --rollback")
     if not ns.management.startswith(("http://", "https://")):
         parser.error(f"--management must be an http(s) URL, got {ns.management!r}")
+    try:
+        token, token_source = management_token(ns.token, ns.key_file)
+    except TokenError as error:
+        parser.error(str(error))
     if ns.mar is not None:
         try:
             mar_version(ns.mar)
@@ -168,7 +197,25 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> S
         )
     except ConfigError as error:
         parser.error(str(error))
-    return SwapArgs(ns.management, ns.token, ns.rollback, request, ns.quiet)
+    return SwapArgs(ns.management, token, token_source, ns.rollback, request, ns.quiet)
+
+
+def management_token(token: str | None, key_file: Path | None) -> tuple[str | None, str]:
+    """The management key and where it came from, first found of: ``--token``, ``--key-file``,
+    ``$LAYERCACHE_MANAGEMENT_TOKEN``, ``./key_file.json``; ``(None, "none")`` when there is none.
+
+    Raises:
+        TokenError: the key file (given, or ``./key_file.json``) is unreadable or its key has expired.
+    """
+    if token:
+        return token, "--token"
+    if key_file is not None:
+        return read_token(key_file), str(key_file)
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV], f"${TOKEN_ENV}"
+    if Path(KEY_FILE).exists():
+        return read_token(KEY_FILE), f"./{KEY_FILE}"
+    return None, "none"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
     setup_logging(args.quiet)
+    logger.debug("management key from %s", args.token_source)
     client = ManagementClient(args.management, token=args.token, timeout_s=max(args.request.timeout_s, 10.0))
     try:
         if args.rollback:

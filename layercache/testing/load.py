@@ -2,11 +2,12 @@
 
 Used by the demo and the benchmarks (standard library only, no torch). A prediction's answer is what TorchServe's
 image classifier handlers return, ``{class name: probability}`` for the top classes; the layercache handlers add
-the ``X-Layercache-Exit`` header.
+the ``X-Layercache-Exit`` header. With TorchServe's token authorization on, pass the inference key as ``token``
+(sent as ``Authorization: Bearer <token>``); without it TorchServe answers 400.
 
 Example::
 
-    run = send_all(f"{base}/predictions/fashion", bodies, concurrency=8, name_to_index=names)
+    run = send_all(f"{base}/predictions/fashion", bodies, concurrency=8, name_to_index=names, token=key)
     stats = summarize_latency(from_run(run))    # layercache.evaluation: rps, p50/p90/p99 ms, errors
 """
 
@@ -64,9 +65,16 @@ def predict(
     *,
     timeout_s: float = REQUEST_TIMEOUT_S,
     content_type: str = "image/png",
+    token: str | None = None,
 ) -> Answer:
-    """POST one image and read the top class (as an index) and the exit header of the answer."""
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+    """POST one image and read the top class (as an index) and the exit header of the answer.
+
+    ``token``: TorchServe's inference key, sent as ``Authorization: Bearer``; None sends no such header.
+    """
+    headers = {"Content-Type": content_type}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
     t0 = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -93,14 +101,15 @@ def send_all(
     *,
     progress: Callable[[Iterable[Answer], str, int], Iterable[Answer]] | None = None,
     desc: str = "requests",
+    token: str | None = None,
 ) -> Run:
     """Closed loop: ``concurrency`` client threads send every body once, each as soon as its previous answer came
-    back; answers come back in body order."""
+    back; answers come back in body order. ``token``: the inference key, as for :func:`predict`."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="layercache-client") as pool:
-        answers_it: Iterable[Answer] = pool.map(lambda b: predict(url, b, name_to_index), bodies)
+        answers_it: Iterable[Answer] = pool.map(lambda b: predict(url, b, name_to_index, token=token), bodies)
         if progress is not None:
             answers_it = progress(answers_it, desc, len(bodies))
         answers = list(answers_it)

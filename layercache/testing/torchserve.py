@@ -2,14 +2,19 @@
 
 Each :class:`TorchServeProcess` gets its own ``TMPDIR`` (TorchServe keeps one pid file there, so this is what
 lets several servers run at once), ``TEMP`` (worker sockets, unpacked archives), ``LOG_LOCATION`` and
-``METRICS_LOCATION``, and a generated ``config.properties`` with free ports on 127.0.0.1, token authorization
-off and the model API on. The frontend is started with ``python -m ts.model_server --start --foreground`` from
-the running interpreter, so the workers use the same Python as the caller.
+``METRICS_LOCATION``, and a generated ``config.properties`` with free ports on 127.0.0.1 and the shipped
+config.properties' security settings: token authorization on (``token_auth=False`` turns it off), the model API on
+(swaps need it) and ``allowed_urls`` accepting no URL, so only archives in the model store can be registered. The
+frontend is started with ``python -m ts.model_server --start --foreground`` from the running interpreter, so the
+workers use the same Python as the caller. With token authorization on, the keys TorchServe writes to
+``key_file.json`` in the work directory are read once it has started: :meth:`TorchServeProcess.client` sends the
+management key, :meth:`TorchServeProcess.inference_headers` carries the inference key.
 
 Example::
 
     with TorchServeProcess(model_store, models=["tiny=tiny_v1.mar"]) as server:
         server.client().wait_ready("tiny", "1.0")
+        predict(f"{server.inference_url}/predictions/tiny", body, names, token=server.inference_token)
 """
 
 from __future__ import annotations
@@ -32,11 +37,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from layercache.management import ManagementClient
+from layercache.errors import TokenError
+from layercache.management import KEY_FILE, ManagementClient, read_token
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TorchServeProcess", "free_ports", "require_torchserve"]
+__all__ = ["MODEL_STORE_ONLY", "TorchServeProcess", "free_ports", "require_torchserve"]
+
+#: ``allowed_urls`` that accepts no URL (the value of the shipped config.properties). TorchServe matches the
+#: ``url=`` of a registration against these regexes only when it is a URL: a plain file name is looked up in the
+#: model store without that check, while a ``file://`` or ``http(s)://`` URL that matches none is refused (404
+#: "does not match any allowed URL(s)"). ``^$`` matches only the empty url, which TorchServe refuses before.
+MODEL_STORE_ONLY = "^$"
 
 #: The quieter log4j2 configuration shipped with the package (TorchServe's own writes each line twice).
 LOG_CONFIG = Path(__file__).resolve().parents[1] / "resources" / "log4j2.xml"
@@ -95,9 +107,13 @@ class TorchServeProcess:
         models: ``--models`` entries loaded at start, e.g. ``["tiny=tiny_v1.mar"]``; empty for none.
         workdir: where TMPDIR, logs and the config go; a fresh temp directory (removed on stop) when None.
         env: extra environment variables; ``OMP_NUM_THREADS=1`` unless given here.
-        properties: extra or overriding ``config.properties`` entries.
+        properties: extra or overriding ``config.properties`` entries, taken literally (backslashes are escaped
+            for Java's Properties format, so a regex such as ``allowed_urls`` keeps its ``\\.``).
         log_config: a log4j2.xml; layercache's quieter one (``layercache/resources/log4j2.xml``) when None.
         start_timeout_s: how long :meth:`start` waits for ``/ping``.
+        token_auth: run with TorchServe's token authorization (the default, as the shipped config.properties);
+            False writes ``disable_token_authorization=true``. Its keys expire after ``token_expiration_min``
+            minutes (TorchServe's default 60): pass a larger one in ``properties`` for longer runs.
     """
 
     def __init__(
@@ -110,6 +126,7 @@ class TorchServeProcess:
         properties: Mapping[str, str] | None = None,
         log_config: str | Path | None = None,
         start_timeout_s: float = 60.0,
+        token_auth: bool = True,
     ) -> None:
         self.model_store = Path(model_store).resolve()
         self.models = list(models)
@@ -121,7 +138,11 @@ class TorchServeProcess:
             log_config = LOG_CONFIG
         self.log_config = Path(log_config).resolve() if log_config is not None else None
         self.start_timeout_s = start_timeout_s
+        # An explicit disable_token_authorization=true in ``properties`` means no key file will come.
+        disabled = str(self.extra_properties.get("disable_token_authorization", "")).strip().lower() == "true"
+        self.token_auth = token_auth and not disabled
         self.ports: dict[str, int] = {}
+        self._tokens: dict[str, str] = {}
         self._process: subprocess.Popen[bytes] | None = None
         self._env: dict[str, str] = {}
 
@@ -138,9 +159,33 @@ class TorchServeProcess:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['metrics']}"
 
+    # -- keys ------------------------------------------------------------------------------------------------
+    @property
+    def key_file(self) -> Path | None:
+        """Where TorchServe writes its keys (``key_file.json`` in the work directory); None before :meth:`start`."""
+        return self.workdir / KEY_FILE if self.workdir is not None else None
+
+    @property
+    def management_token(self) -> str | None:
+        """The management key (None with token authorization off, or before :meth:`start`)."""
+        return self._tokens.get("management")
+
+    @property
+    def inference_token(self) -> str | None:
+        """The inference key, for ``/predictions``, ``/explanations`` and ``/ping`` (None with token auth off)."""
+        return self._tokens.get("inference")
+
+    def inference_headers(self) -> dict[str, str]:
+        """``{"Authorization": "Bearer <inference key>"}``, or ``{}`` with token authorization off."""
+        return _bearer(self.inference_token)
+
+    def management_headers(self) -> dict[str, str]:
+        """``{"Authorization": "Bearer <management key>"}``, or ``{}`` with token authorization off."""
+        return _bearer(self.management_token)
+
     def client(self, timeout_s: float = 60.0) -> ManagementClient:
-        """A :class:`ManagementClient` for this server (token authorization is off here)."""
-        return ManagementClient(self.management_url, timeout_s=timeout_s)
+        """A :class:`ManagementClient` for this server, with the management key when token authorization is on."""
+        return ManagementClient(self.management_url, token=self.management_token, timeout_s=timeout_s)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def __enter__(self) -> Self:
@@ -167,6 +212,9 @@ class TorchServeProcess:
             self.workdir = Path(tempfile.mkdtemp(prefix="layercache-ts-"))
         for sub in ("tmp", "temp", "logs"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        # A key file left by an earlier server in this work directory must not be read as this one's.
+        self._tokens = {}
+        (self.workdir / KEY_FILE).unlink(missing_ok=True)
         names = (
             "inference",
             "management",
@@ -220,6 +268,9 @@ class TorchServeProcess:
         """Poll ``GET /ping`` until it answers 200. Healthy does not mean a handler is loaded: use
         :meth:`ManagementClient.wait_ready` for that.
 
+        With token authorization on, this first waits for TorchServe's ``key_file.json`` and reads the keys from
+        it (``/ping`` answers 400 without the inference key).
+
         Raises:
             RuntimeError: the process exited, or no 200 came within ``timeout_s``.
         """
@@ -228,8 +279,16 @@ class TorchServeProcess:
         while time.monotonic() < deadline:
             if self._process is not None and self._process.poll() is not None:
                 raise RuntimeError(f"TorchServe exited with code {self._process.returncode} while starting")
+            if self.token_auth and not self._tokens:
+                try:
+                    self._tokens = self._read_tokens()
+                except TokenError as error:  # not written yet, or caught half-written
+                    last = f"no keys yet ({error})"
+                    time.sleep(0.2)
+                    continue
+            request = urllib.request.Request(self.inference_url + "/ping", headers=self.inference_headers())
             try:
-                with urllib.request.urlopen(self.inference_url + "/ping", timeout=2) as response:
+                with urllib.request.urlopen(request, timeout=2) as response:
                     if response.status == 200:
                         return
                     last = f"HTTP {response.status}"
@@ -239,6 +298,11 @@ class TorchServeProcess:
                 last = str(error)
             time.sleep(0.2)
         raise RuntimeError(f"TorchServe not healthy after {timeout_s:g} s (last /ping: {last})")
+
+    def _read_tokens(self) -> dict[str, str]:
+        if self.key_file is None:
+            raise TokenError("TorchServe has no work directory yet: start() it first")
+        return {api: read_token(self.key_file, api) for api in ("management", "inference")}
 
     def stop(self) -> None:
         """Stop the frontend (``--stop --foreground``), then kill whatever is left of its process group.
@@ -276,6 +340,7 @@ class TorchServeProcess:
                 os.killpg(process.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=5)
+        self._tokens = {}
         if self._given_workdir is None and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
@@ -313,11 +378,22 @@ class TorchServeProcess:
             "grpc_management_port": str(self.ports["grpc_management"]),
             "metrics_mode": "prometheus",
             "model_store": str(self.model_store),
-            "disable_token_authorization": "true",
             "enable_model_api": "true",
+            "allowed_urls": MODEL_STORE_ONLY,
             "install_py_dep_per_model": "false",
             "model_metrics_auto_detect": "true",
             "default_workers_per_model": "1",
         }
+        if not self.token_auth:
+            properties["disable_token_authorization"] = "true"
         properties.update(self.extra_properties)
-        return "".join(f"{key}={value}\n" for key, value in properties.items())
+        return "".join(f"{key}={_properties_value(value)}\n" for key, value in properties.items())
+
+
+def _properties_value(value: object) -> str:
+    """``value`` written so that Java's Properties format reads it back unchanged (a backslash starts an escape)."""
+    return str(value).replace("\\", "\\\\")
+
+
+def _bearer(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}

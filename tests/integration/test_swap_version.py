@@ -1,79 +1,33 @@
-"""tools/swap_version.py against a real TorchServe: swap 1.0 -> 2.0 under load without a failed request, then
-roll back.
+"""tools/swap_version.py against a real TorchServe with token authorization on: swap 1.0 -> 2.0 under load without
+a failed request, then roll back.
 
 The two versions are the same tiny network with hand-set weights: version 1.0 always answers class "1", version
-2.0 class "2", so each answer tells which version served it.
+2.0 class "2", so each answer tells which version served it. The swap reads the management key from the server's
+key_file.json (``--key-file``), the rollback from ``$LAYERCACHE_MANAGEMENT_TOKEN``; version 2.0 lies outside the
+model store, so it is registered by file:// URL, which this server's ``allowed_urls`` accepts for that folder only.
 """
 
 from __future__ import annotations
 
-import io
 import json
+import re
 import shutil
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from layercache.testing.torchserve import TorchServeProcess, require_torchserve
+from tests.helpers import solid_png, winner_archive
 
 MODEL = "tiny"
 REQUEST_TIMEOUT_S = 15.0
 LOAD_LIMIT_S = 75.0  # the request thread stops by itself after this long, whatever happens
-
-MODEL_FILE = """\
-import torch
-from torch import nn
-
-
-class TinyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(3, 10)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(x), 1))
-"""
-
-
-def _build_mar(work: Path, version: str, winner: int, export_dir: Path) -> Path:
-    """A .mar of TinyNet whose output always ranks class ``winner`` first (zero weights, one-hot bias)."""
-    import torch
-    from model_archiver.model_archiver import ModelArchiver
-    from model_archiver.model_archiver_config import ModelArchiverConfig
-
-    model_file = work / "tiny_model.py"
-    model_file.write_text(MODEL_FILE, encoding="utf-8")
-    bias = torch.zeros(10)
-    bias[winner] = 10.0
-    weights = work / f"tiny_{version}.pt"
-    torch.save({"fc.weight": torch.zeros(10, 3), "fc.bias": bias}, weights)
-    export_dir.mkdir(parents=True, exist_ok=True)
-    ModelArchiver.generate_model_archive(
-        ModelArchiverConfig(
-            model_name=MODEL,
-            handler="image_classifier",
-            version=version,
-            serialized_file=str(weights),
-            model_file=str(model_file),
-            export_path=str(export_dir),
-            force=True,
-        )
-    )
-    return export_dir / f"{MODEL}.mar"
-
-
-def _png() -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (32, 32), (120, 30, 200)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @dataclass
@@ -82,6 +36,7 @@ class Load:
 
     url: str
     body: bytes
+    headers: Mapping[str, str]  # the inference key
     results: list[tuple[int, str]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -94,7 +49,7 @@ class Load:
                 self.url,
                 data=self.body,
                 method="POST",
-                headers={"Content-Type": "image/png"},
+                headers={"Content-Type": "image/png", **self.headers},
             )
             try:
                 with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
@@ -124,24 +79,30 @@ class Load:
 def test_swap_under_load_then_rollback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     require_torchserve()
     from layercache.cli.swap import main
+    from layercache.management import TOKEN_ENV
     from layercache.swap import STATE_FILE
 
     started = time.monotonic()
     store = tmp_path / "model-store"
     store.mkdir()
-    built_v1 = _build_mar(tmp_path, "1.0", winner=1, export_dir=tmp_path / "build-1.0")
+    built_v1 = winner_archive(tmp_path, "1.0", winner=1, export_dir=tmp_path / "build-1.0")
     shutil.copy(built_v1, store / "tiny_v1.mar")
-    # Version 2.0 stays outside the model store: the tool registers it by file:// URL.
-    mar_v2 = _build_mar(tmp_path, "2.0", winner=2, export_dir=tmp_path / "outside")
+    # Version 2.0 stays outside the model store: the tool registers it by file:// URL, which allowed_urls must
+    # accept (TorchServeProcess, like config.properties, accepts none unless told).
+    outside = tmp_path / "outside"
+    mar_v2 = winner_archive(tmp_path, "2.0", winner=2, export_dir=outside)
+    allowed = "file://" + re.escape(str(outside.resolve())) + "/[^/]*[.]mar"
     monkeypatch.chdir(tmp_path)  # the state file goes to the current directory
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
 
-    with TorchServeProcess(store) as server:
+    with TorchServeProcess(store, properties={"allowed_urls": allowed}) as server:
+        assert server.management_token and server.key_file is not None and server.key_file.is_file()
         client = server.client()
         client.register("tiny_v1.mar", MODEL, initial_workers=1)
         client.wait_ready(MODEL, "1.0", timeout_s=60)
         assert client.default_version(MODEL) == "1.0"
 
-        load = Load(f"{server.inference_url}/predictions/{MODEL}", _png())
+        load = Load(f"{server.inference_url}/predictions/{MODEL}", solid_png(), server.inference_headers())
         thread = threading.Thread(target=load.run, daemon=True)
         thread.start()
         try:
@@ -153,6 +114,8 @@ def test_swap_under_load_then_rollback(tmp_path: Path, monkeypatch: pytest.Monke
                 str(mar_v2),
                 "--management",
                 server.management_url,
+                "--key-file",
+                str(server.key_file),
             ]
             assert main([*swap_args, "--model-store", str(store), "--timeout", "60"]) == 0
             assert client.default_version(MODEL) == "2.0"
@@ -165,6 +128,7 @@ def test_swap_under_load_then_rollback(tmp_path: Path, monkeypatch: pytest.Monke
             load.wait_for(3)
             after_swap = len(load.snapshot())
 
+            monkeypatch.setenv(TOKEN_ENV, server.management_token)
             assert (
                 main(
                     [

@@ -9,6 +9,9 @@
    explanations while predictions go on; then the cached version's ``?customized=true`` description and metrics.
 6. ``stopped``: TorchServe stopped (it SIGKILLs every worker), the whole log dir compacted and read back.
 
+TorchServe runs with token authorization on, as the shipped config.properties: every request carries the
+inference or the management key from the server's key_file.json, and the swap reads it with ``--key-file``.
+
 Takes about 2 minutes on 2 cores, most of it the cache build. TorchServe's own logs stay in pytest's temp dir
 (``trunk0/ts/logs``) for failure analysis.
 
@@ -31,7 +34,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,9 +94,19 @@ class Answer:
         return max(answer, key=answer.get)
 
 
-def post(url: str, body: bytes, *, image: int, kind: str = "predict", content_type: str = "image/png") -> Answer:
+def post(
+    url: str,
+    body: bytes,
+    *,
+    image: int,
+    auth: Mapping[str, str],
+    kind: str = "predict",
+    content_type: str = "image/png",
+) -> Answer:
+    """``auth``: the inference key's header (TorchServeProcess.inference_headers)."""
     # An explicit content type: urllib's default (form-urlencoded) makes TorchServe parse the body as a form.
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+    headers = {"Content-Type": content_type, **auth}
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
     sent = time.monotonic()
     try:
         with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
@@ -114,6 +127,7 @@ class Traffic:
     pngs: Sequence[bytes]
     threads: int
     first: int
+    auth: Mapping[str, str]
     answers: list[Answer] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -137,7 +151,7 @@ class Traffic:
         while not self._stop.is_set() and time.monotonic() < deadline:
             with self._lock:
                 image, self._next = self._next, self._next + 1
-            answer = post(self.url, self.pngs[image % len(self.pngs)], image=image % len(self.pngs))
+            answer = post(self.url, self.pngs[image % len(self.pngs)], image=image % len(self.pngs), auth=self.auth)
             with self._lock:
                 self.answers.append(answer)
 
@@ -206,6 +220,10 @@ class Served:
     def predict_url(self) -> str:
         return f"{self.server.inference_url}/predictions/{MODEL}"
 
+    @property
+    def auth(self) -> dict[str, str]:
+        return self.server.inference_headers()
+
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
@@ -265,7 +283,10 @@ def recorded(served: Served) -> Recorded:
     pids = served.server.worker_pids(MODEL, VERSION)
     killed, survivor = pids[0], pids[1]
     with ThreadPoolExecutor(RECORD_THREADS) as pool:
-        futures = [pool.submit(post, served.predict_url, served.pngs[i], image=i) for i in range(RECORD_REQUESTS)]
+        futures = [
+            pool.submit(post, served.predict_url, served.pngs[i], image=i, auth=served.auth)
+            for i in range(RECORD_REQUESTS)
+        ]
         deadline = time.monotonic() + 60
         while sum(f.done() for f in futures) < KILL_AFTER and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -293,13 +314,25 @@ def bad_batches(served: Served, recorded: Recorded) -> BadBatches:
     with ThreadPoolExecutor(8) as pool:
         for burst in range(5):
             first = 700 + 10 * burst
-            futures = [pool.submit(post, served.predict_url, served.pngs[i], image=i) for i in range(first, first + 6)]
+            futures = [
+                pool.submit(post, served.predict_url, served.pngs[i], image=i, auth=served.auth)
+                for i in range(first, first + 6)
+            ]
             time.sleep(0.005)  # the bad ones last: then they are not row 0 of their batch
             futures.append(
-                pool.submit(post, served.predict_url, NOT_AN_IMAGE, image=-1, content_type="application/octet-stream")
+                pool.submit(
+                    post,
+                    served.predict_url,
+                    NOT_AN_IMAGE,
+                    image=-1,
+                    auth=served.auth,
+                    content_type="application/octet-stream",
+                )
             )
             futures.append(
-                pool.submit(post, served.predict_url, WRONG_SHAPE, image=-1, content_type="application/json")
+                pool.submit(
+                    post, served.predict_url, WRONG_SHAPE, image=-1, auth=served.auth, content_type="application/json"
+                )
             )
             bursts.append([f.result() for f in futures])
             if _batch_row(served, bursts[-1][6]) > 0:
@@ -379,7 +412,7 @@ def swapped(served: Served, built: Built) -> Swapped:
     started = time.monotonic()
     server = served.server
     explain_url = f"{server.inference_url}/explanations/{MODEL}"
-    with Traffic(served.predict_url, served.pngs, SWAP_THREADS, first=1000) as traffic:
+    with Traffic(served.predict_url, served.pngs, SWAP_THREADS, first=1000, auth=served.auth) as traffic:
         traffic.wait_for(20)
         swap_started = time.monotonic()
         code = swap_main(
@@ -390,6 +423,8 @@ def swapped(served: Served, built: Built) -> Swapped:
                 str(built.cached_mar),
                 "--management",
                 server.management_url,
+                "--key-file",
+                str(server.key_file),
                 "--model-store",
                 str(served.store),
                 "--timeout",
@@ -403,7 +438,9 @@ def swapped(served: Served, built: Built) -> Swapped:
         if code == 0:
             traffic.wait_for(CACHED_ANSWERS, after=swap_done, timeout_s=90)
         with ThreadPoolExecutor(2) as pool:
-            explanations = list(pool.map(lambda i: post(explain_url, served.pngs[i], image=i, kind="explain"), [3, 4]))
+            explanations = list(
+                pool.map(lambda i: post(explain_url, served.pngs[i], image=i, auth=served.auth, kind="explain"), [3, 4])
+            )
         traffic.wait_for(10, after=max(e.done for e in explanations))
     client = server.client()
     served.timings["swap"] = time.monotonic() - started
@@ -576,7 +613,8 @@ def test_explanations_while_predicting(swapped: Swapped) -> None:
 
 def test_cached_version_describes_itself_and_counts_exits(served: Served, built: Built, swapped: Swapped) -> None:
     url = f"{served.server.management_url}/models/{MODEL}/{CACHED_VERSION}?customized=true"
-    with urllib.request.urlopen(url, timeout=REQUEST_TIMEOUT_S) as response:
+    request = urllib.request.Request(url, headers=served.server.management_headers())
+    with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
         (description,) = json.loads(response.read())
     metadata = description["customizedMetadata"]
     metadata = json.loads(metadata) if isinstance(metadata, str) else metadata
@@ -629,7 +667,8 @@ def test_a_worker_times_its_policy_at_startup(served: Served, built: Built, swap
     client.register(mar.name, "startup", initial_workers=1, batch_size=BATCH_SIZE, max_batch_delay_ms=20)
     try:
         url = f"{served.server.management_url}/models/startup/1.0-startup?customized=true"
-        with urllib.request.urlopen(url, timeout=REQUEST_TIMEOUT_S) as response:
+        request = urllib.request.Request(url, headers=served.server.management_headers())
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
             (description,) = json.loads(response.read())
         metadata = description["customizedMetadata"]
         metadata = json.loads(metadata) if isinstance(metadata, str) else metadata

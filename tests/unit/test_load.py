@@ -16,11 +16,14 @@ NAMES = {"cat": 0, "dog": 1}
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """Body ``cat``/``dog`` -> that class (with an exit header for dog); ``bad`` -> 400; ``junk`` -> 200 non-JSON."""
+    """Body ``cat``/``dog`` -> that class (with an exit header for dog); ``bad`` -> 400; ``junk`` -> 200 non-JSON;
+    on ``/secure/`` paths 400 unless ``Authorization: Bearer k`` (as TorchServe with token authorization on)."""
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
         body = self.rfile.read(int(self.headers["Content-Length"])).decode()
-        if body == "bad":
+        if self.path.startswith("/secure/") and self.headers.get("Authorization") != "Bearer k":
+            self._reply(400, b'{"code": 400, "type": "InvalidKeyException", "message": "Token Authorization failed"}')
+        elif body == "bad":
             self._reply(400, b'{"code": 400, "message": "not an image"}')
         elif body == "junk":
             self._reply(200, b"<html>")
@@ -82,3 +85,13 @@ def test_send_all_answers_in_body_order_and_summarize_counts_failures(url: str) 
     assert 0 < stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"]
     with pytest.raises(ValueError, match="concurrency"):
         send_all(url, bodies, 0, NAMES)
+
+
+def test_predict_and_send_all_send_the_token_as_a_bearer_header(url: str) -> None:
+    secure = url.replace("/predictions/", "/secure/")
+    refused = predict(secure, b"cat", NAMES)
+    assert refused.status == 400 and "Token Authorization failed" in refused.error
+    assert predict(secure, b"cat", NAMES, token="k").predicted == 0
+    assert predict(secure, b"cat", NAMES, token="wrong").status == 400
+    run = send_all(secure, [b"cat", b"dog"] * 3, 2, NAMES, token="k")
+    assert run.failed == 0 and [a.predicted for a in run.answers] == [0, 1] * 3

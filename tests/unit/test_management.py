@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import threading
 import zipfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from layercache.errors import ArchiveError
+from layercache.errors import ArchiveError, TokenError
 from layercache.management import (
+    TOKEN_ENV,
     ManagementClient,
     ManagementError,
     archive_url,
     mar_version,
+    read_token,
 )
 
 # TorchServe 0.12's own error bodies (NettyUtils.sendError: code, type, message).
@@ -125,6 +130,13 @@ def client(fake: FakeManagement) -> ManagementClient:
     return ManagementClient(fake.url, timeout_s=5)
 
 
+@pytest.fixture(autouse=True)
+def _no_ambient_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """swap_version.py reads $LAYERCACHE_MANAGEMENT_TOKEN and ./key_file.json: keep the caller's out of the tests."""
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
 # -- error mapping --------------------------------------------------------------------------------------------
 def test_register_with_model_api_off_hints_enable_model_api(fake: FakeManagement, client: ManagementClient) -> None:
     fake.route("POST", "/models", (405, METHOD_NOT_ALLOWED))
@@ -150,6 +162,15 @@ def test_unknown_model_is_404_with_listing_hint(fake: FakeManagement, client: Ma
     assert info.value.status == 404
 
 
+def test_register_refused_by_allowed_urls_hints_copying_into_the_store(
+    fake: FakeManagement, client: ManagementClient
+) -> None:
+    message = "Given URL http://example.com/a.mar does not match any allowed URL(s)"
+    fake.route("POST", "/models", (404, {"code": 404, "type": "ModelNotFoundException", "message": message}))
+    with pytest.raises(ManagementError, match=r"copy the .mar into the model store, or add its folder to allowed_urls"):
+        client.register("http://example.com/a.mar", "tiny")
+
+
 def test_register_of_archive_outside_the_store_hints_model_store(
     fake: FakeManagement, client: ManagementClient
 ) -> None:
@@ -171,7 +192,7 @@ def test_register_of_archive_outside_the_store_hints_model_store(
 
 def test_token_failure_hints_token(fake: FakeManagement) -> None:
     fake.route("GET", "/models/tiny/all", (400, BAD_TOKEN))
-    with pytest.raises(ManagementError, match="pass --token or set disable_token_authorization=true") as info:
+    with pytest.raises(ManagementError, match=r"send the management key from the key_file.json .* --key-file") as info:
         ManagementClient(fake.url, token="s3cret", timeout_s=5).list_versions("tiny")
     assert info.value.status == 400
     assert fake.requests[0][3]["Authorization"] == "Bearer s3cret"
@@ -313,6 +334,74 @@ def test_default_version_uses_is_default_when_present(fake: FakeManagement, clie
 def test_default_version_of_unregistered_model_is_none(fake: FakeManagement, client: ManagementClient) -> None:
     fake.route("GET", "/models/tiny/all", (404, NOT_FOUND))
     assert client.default_version("tiny") is None
+
+
+# -- read_token -----------------------------------------------------------------------------------------------
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+def _key_file(path: Path, *, expires: str = "2026-12-01T12:30:00.123456789Z") -> Path:
+    """A key file as TorchServe 0.12 writes it (TokenAuthorization.generateKeyFile; Instant.toString times)."""
+    keys = {
+        "management": {"key": "m-key", "expiration time": expires},
+        "inference": {"key": "i-key", "expiration time": expires},
+        "API": {"key": "api-key"},
+    }
+    path.write_text(json.dumps(keys, indent=2), encoding="utf-8")
+    return path
+
+
+def test_read_token_reads_each_api_key(tmp_path: Path) -> None:
+    path = _key_file(tmp_path / "key_file.json")
+    assert read_token(path, now=NOW) == "m-key"
+    assert read_token(str(path), "inference", now=NOW) == "i-key"
+    assert read_token(path, "API", now=NOW) == "api-key"  # the token API's key has no expiration time
+
+
+def test_read_token_refuses_an_expired_key_with_the_renewal_hint(tmp_path: Path) -> None:
+    path = _key_file(tmp_path / "key_file.json", expires="2026-12-01T11:59:59.999999999Z")
+    with pytest.raises(TokenError, match=r"the management key in .* expired at 2026-12-01T11:59:59\+00:00") as info:
+        read_token(path, now=NOW)
+    assert "/token?type=management" in str(info.value) and "API key" in str(info.value)
+    assert read_token(path, "API", now=NOW) == "api-key"
+
+
+def test_read_token_uses_a_key_whose_expiration_time_it_cannot_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _key_file(tmp_path / "key_file.json", expires="next tuesday")
+    assert read_token(path, now=NOW) == "m-key"
+    assert "unreadable expiration time 'next tuesday'" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (None, r"does not exist: with token authorization on, TorchServe writes key_file.json into the directory"),
+        ("{not json", r"is not valid JSON .*: is it TorchServe's key_file.json\?"),
+        ('{"inference": {"key": "i"}}', r"has no management key \(found: inference\)"),
+        ('{"management": {"key": ""}}', r"has no management key"),
+        ("[1, 2]", r"has no management key \(found: list\)"),
+    ],
+)
+def test_read_token_errors(tmp_path: Path, content: str | None, match: str) -> None:
+    path = tmp_path / "key_file.json"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(TokenError, match=match):
+        read_token(path, now=NOW)
+
+
+def test_read_token_errors_on_a_directory_an_unreadable_file_and_a_bad_api(tmp_path: Path) -> None:
+    with pytest.raises(TokenError, match="is a directory: pass the key_file.json inside it"):
+        read_token(tmp_path)
+    path = _key_file(tmp_path / "key_file.json")
+    with pytest.raises(ValueError, match="api must be one of management, inference, API, got 'admin'"):
+        read_token(path, "admin")
+    if os.geteuid() != 0:  # root reads a mode-000 file anyway
+        path.chmod(0)
+        with pytest.raises(TokenError, match=r"not readable: .* \(mode 600\)"):
+            read_token(path)
 
 
 # -- archives -------------------------------------------------------------------------------------------------
@@ -474,3 +563,99 @@ def test_swap_to_an_already_registered_version_is_refused_before_registering(
     ]
     assert main([*argv, "--quiet"]) == 1
     assert not any(method in ("POST", "PUT", "DELETE") for method, _ in fake.calls())
+
+
+# -- swap_version.py: where the management key comes from ---------------------------------------------------------
+def _rollback_to_1(fake: FakeManagement) -> list[str]:
+    """Routes for ``--rollback --to 1.0`` from 2.0; returns the command line (without a key option)."""
+    fake.route("GET", "/models/tiny", (200, [_model("2.0", "READY")]))
+    fake.route("GET", "/models/tiny/all", (200, [_model("1.0", "READY"), _model("2.0", "READY")]))
+    fake.route("PUT", "/models/tiny/1.0/set-default", (200, {"status": "ok"}))
+    return ["--model", "tiny", "--management", fake.url, "--rollback", "--to", "1.0", "--quiet"]
+
+
+def _authorizations(fake: FakeManagement) -> set[str | None]:
+    return {headers.get("Authorization") for _, _, _, headers in fake.requests}
+
+
+def test_swap_reads_the_management_key_from_key_file(fake: FakeManagement, tmp_path: Path) -> None:
+    from layercache.cli.swap import main
+
+    (tmp_path / "ts").mkdir()
+    key_file = _key_file(tmp_path / "ts" / "key_file.json")  # TorchServe's work dir, not the current one
+    assert main([*_rollback_to_1(fake), "--key-file", str(key_file)]) == 0
+    assert _authorizations(fake) == {"Bearer m-key"}  # the management key, never the inference one
+    assert fake.calls()[-1] == ("PUT", "/models/tiny/1.0/set-default")
+
+
+def test_swap_reads_the_key_from_the_environment_before_the_default_key_file(
+    fake: FakeManagement, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from layercache.cli.swap import main
+
+    _key_file(tmp_path / "key_file.json")  # ./key_file.json: the current directory is tmp_path
+    monkeypatch.setenv(TOKEN_ENV, "env-key")
+    assert main(_rollback_to_1(fake)) == 0
+    assert _authorizations(fake) == {"Bearer env-key"}
+
+
+def test_swap_reads_key_file_json_in_the_current_directory_by_default(fake: FakeManagement, tmp_path: Path) -> None:
+    from layercache.cli.swap import main
+
+    _key_file(tmp_path / "key_file.json")
+    assert main(_rollback_to_1(fake)) == 0
+    assert _authorizations(fake) == {"Bearer m-key"}
+
+
+def test_swap_without_any_key_sends_none_and_a_refusal_hints_the_key_file(
+    fake: FakeManagement, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from layercache.cli.swap import main
+
+    argv = _rollback_to_1(fake)
+    assert main(argv) == 0
+    assert _authorizations(fake) == {None}
+    fake.route("GET", "/models/tiny", (400, BAD_TOKEN))
+    capsys.readouterr()
+    assert main(argv) == 1  # TorchServe refused: the message and the hint are logged
+    err = capsys.readouterr().err
+    assert "HTTP 400: Token Authorization failed" in err and "swap_version.py --key-file" in err, err
+
+
+def test_swap_token_on_the_command_line_still_works(fake: FakeManagement) -> None:
+    from layercache.cli.swap import main
+
+    assert main([*_rollback_to_1(fake), "--token", "cli-key"]) == 0
+    assert _authorizations(fake) == {"Bearer cli-key"}
+
+
+@pytest.mark.parametrize(
+    ("setup", "match"),
+    [
+        ("missing", r"key file '.*nowhere/key_file.json' does not exist"),
+        ("expired", r"the management key in '.*ts-keys.json' expired at 2020-01-01T00:00:00\+00:00"),
+        ("default expired", r"the management key in 'key_file.json' expired at"),
+        ("both", r"argument --token: not allowed with argument --key-file"),
+    ],
+)
+def test_swap_key_file_problems_are_usage_errors(
+    fake: FakeManagement, tmp_path: Path, capsys: pytest.CaptureFixture[str], setup: str, match: str
+) -> None:
+    from layercache.cli.swap import main
+
+    past = "2020-01-01T00:00:00Z"
+    argv = _rollback_to_1(fake)
+    if setup == "missing":
+        argv += ["--key-file", str(tmp_path / "nowhere" / "key_file.json")]
+    elif setup == "expired":
+        argv += ["--key-file", str(_key_file(tmp_path / "ts-keys.json", expires=past))]
+    elif setup == "default expired":
+        _key_file(tmp_path / "key_file.json", expires=past)
+    else:
+        argv += ["--key-file", "k.json", "--token", "t"]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
+    assert not fake.requests  # nothing was sent
