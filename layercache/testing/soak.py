@@ -43,6 +43,8 @@ class SoakResult:
     """What a soak saw."""
 
     answers: list[Answer] = field(default_factory=list)
+    #: When each answer came back, in seconds from the start (same order as ``answers``).
+    done_at: list[float] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     actions: list[tuple[float, str]] = field(default_factory=list)
     seconds: float = 0.0
@@ -51,6 +53,10 @@ class SoakResult:
     @property
     def errors(self) -> int:
         return sum(a.status != 200 for a in self.answers)
+
+    def errors_between(self, start: float, end: float) -> int:
+        """Failed requests whose answer (or time-out) came back between ``start`` and ``end`` seconds."""
+        return sum(a.status != 200 and start <= t <= end for a, t in zip(self.answers, self.done_at, strict=True))
 
     @property
     def rps(self) -> float:
@@ -161,6 +167,7 @@ def soak(
             answer = predict(url, bodies[i % len(bodies)], names, **kwargs)
             with lock:
                 result.answers.append(answer)
+                result.done_at.append(time.monotonic() - t0)
             i += concurrency
 
     threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(concurrency)]

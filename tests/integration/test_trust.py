@@ -53,8 +53,8 @@ def _pngs(n: int, seed: int) -> list[bytes]:
     return out
 
 
-def _post(url: str, body: bytes) -> tuple[int, dict[str, str]]:
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "image/png"})
+def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "image/png", **headers})
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
             response.read()
@@ -65,14 +65,16 @@ def _post(url: str, body: bytes) -> tuple[int, dict[str, str]]:
         return -1, {}
 
 
-def _send(url: str, bodies: list[bytes], concurrency: int = 8) -> list[tuple[int, dict[str, str]]]:
+def _send(setup: Setup, url: str, bodies: list[bytes], concurrency: int = 8) -> list[tuple[int, dict[str, str]]]:
+    headers = setup.server.inference_headers()
     with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(lambda b: _post(url, b), bodies))
+        return list(pool.map(lambda b: _post(url, b, headers), bodies))
 
 
 def _describe(server: TorchServeProcess, version: str) -> dict:
     url = f"{server.management_url}/models/{MODEL}/{version}?customized=true"
-    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+    request = urllib.request.Request(url, headers=server.management_headers())
+    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
         (description,) = json.loads(response.read())
     metadata = description["customizedMetadata"]
     return json.loads(metadata) if isinstance(metadata, str) else metadata
@@ -141,7 +143,7 @@ def test_verified_answers_reach_the_log_and_the_metrics(setup: Setup, tmp_path: 
         certified={"bound": 1.0}, log_dir=logs, handler={"verify_fraction": 1.0, "guard": "off"},
     )  # fmt: skip
     url = _register(setup, mar, "1.0-verified")
-    answers = _send(url, _pngs(64, seed=1))
+    answers = _send(setup, url, _pngs(64, seed=1))
     assert [s for s, _ in answers] == [200] * 64
     assert {h.get(EXIT_HEADER) for _, h in answers} == {EXIT_NODE}
     head = _describe(setup.server, "1.0-verified")["verification"]["heads"][0]
@@ -161,7 +163,7 @@ def test_the_guard_disables_a_wrong_head_under_traffic_without_a_failed_request(
         certified={"bound": 0.05}, log_dir=tmp_path / "guarded-logs", handler={"verify_fraction": 1.0},
     )  # fmt: skip
     url = _register(setup, mar, "1.0-guarded")
-    answers = _send(url, _pngs(240, seed=2))
+    answers = _send(setup, url, _pngs(240, seed=2))
     assert [s for s, _ in answers] == [200] * 240
     exits = [h.get(EXIT_HEADER) for _, h in answers]
     assert exits.count(EXIT_NODE) >= 50 and exits[-40:] == [BACKBONE] * 40
@@ -174,7 +176,7 @@ def test_check_flags_new_traffic_and_a_changed_backbone_and_refresh_swaps_only_a
 ) -> None:
     base = f"{setup.server.inference_url}/predictions/{FASHION}"
     logs, pngs = setup.fashion_logs, setup.fashion_pngs
-    assert [s for s, _ in _send(f"{base}/1.0", pngs[:800])] == [200] * 800
+    assert [s for s, _ in _send(setup, f"{base}/1.0", pngs[:800])] == [200] * 800
     config = BuildConfig(tolerance=0.05, trials=1, train=TrainConfig(epochs=6, patience=2, num_threads=1))
     # The first cache is a weak one on purpose: its only head sits at the deepest candidate layer.
     layers = list_layers(setup.fashion_rec, logs)
@@ -189,7 +191,7 @@ def test_check_flags_new_traffic_and_a_changed_backbone_and_refresh_swaps_only_a
     client = setup.server.client(timeout_s=120)
     url = _register(setup, first.output, "1.0-c1", FASHION)
     client.set_default(FASHION, "1.0-c1")
-    assert [s for s, _ in _send(url, pngs[800:1400])] == [200] * 600
+    assert [s for s, _ in _send(setup, url, pngs[800:1400])] == [200] * 600
     time.sleep(0.5)
     found = check_cache(first.output, logs)
     assert found.stale and any("newer than the build" in r for r in found.reasons), found.reasons
@@ -206,7 +208,7 @@ def test_check_flags_new_traffic_and_a_changed_backbone_and_refresh_swaps_only_a
     assert done.comparison["candidate"]["mean_flops"] <= done.comparison["running"]["mean_flops"]
     assert client.default_version(FASHION) == "1.0-c3"
     assert {"1.0-c1", "1.0-c3"} <= {v["modelVersion"] for v in client.list_versions(FASHION)}  # rollback target kept
-    assert [s for s, _ in _send(f"{base}", pngs[1400:1440])] == [200] * 40  # the new default answers
+    assert [s for s, _ in _send(setup, f"{base}", pngs[1400:1440])] == [200] * 40  # the new default answers
 
     # A backbone with other weights answering recent requests: stale whatever the share of new traffic.
     other = wrap_for_recording(
@@ -214,7 +216,7 @@ def test_check_flags_new_traffic_and_a_changed_backbone_and_refresh_swaps_only_a
         handler_config=HandlerConfig(input_shape=SHAPE, log_dir=str(logs)),
     )  # fmt: skip
     url = _register(setup, other, "2.0")
-    assert [s for s, _ in _send(url, pngs[1440:1460])] == [200] * 20
+    assert [s for s, _ in _send(setup, url, pngs[1440:1460])] == [200] * 20
     time.sleep(0.5)
     found = check_cache(first.output, logs, new_fraction=1.0)
     assert found.stale and any("the backbone changed" in r for r in found.reasons), found.reasons
