@@ -200,6 +200,8 @@ class RefreshOutcome:
     candidate: Path | None
     version: str | None
     comparison: dict[str, Any]
+    #: The candidate's build report (its exits, FLOPs, promise).
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 def _costs(spec: CacheSpec, backbone: Any, example: Any) -> dict[str, float]:
@@ -279,9 +281,9 @@ def refresh_cache(
             comparison["candidate"] = _evaluate(candidate, loaded.backbone, x, x[:2])
     better, reason = decide(comparison, request.config.tolerance, request.min_eval_rows)
     if not better:
-        return RefreshOutcome(False, reason, candidate, version, comparison)
+        return RefreshOutcome(False, reason, candidate, version, comparison, outcome.report)
     if request.dry_run or client is None:
-        return RefreshOutcome(False, reason + "; dry run: not swapped", candidate, version, comparison)
+        return RefreshOutcome(False, reason + "; dry run: not swapped", candidate, version, comparison, outcome.report)
     swap_version(
         client,
         SwapRequest(
@@ -292,7 +294,9 @@ def refresh_cache(
             state_file=request.state_file,
         ),
     )
-    return RefreshOutcome(True, reason + f"; swapped in as version {version}", candidate, version, comparison)
+    return RefreshOutcome(
+        True, reason + f"; swapped in as version {version}", candidate, version, comparison, outcome.report
+    )
 
 
 def decide(comparison: dict[str, Any], tolerance: float, min_eval_rows: int) -> tuple[bool, str]:

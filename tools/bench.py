@@ -13,6 +13,9 @@ last 3,000 are never seen by the build and are what every table is measured on. 
 * ``recording``: the recording handler vs the original handler in process, per batch (what recording costs).
 * ``serving``: closed-loop load through TorchServe, original vs cached vs recording, several concurrencies.
 * ``tradeoff``: accuracy/FLOPs across tolerances (one search, thresholds and selection per tolerance).
+* ``drift``: blurred, noised unseen images to the static, guarded and refreshed cache through TorchServe.
+* ``soak``: ``--soak-seconds`` of load on the cached archive with recording and verification on, with a swap, a
+  rollback and worker scaling meanwhile: errors, worker memory and fds, log dir size.
 * ``certify``: the certified rule against the per-head rule at tolerances 0.005-0.05 over ``--seeds`` builds that
   resample the held-out rows: FLOPs and agreement on the unseen images, and how often each breaks its promise.
 * ``bundle``: ``OUT/device-bundle``, what ``tools/bench_device.py`` needs to measure the model on another device
@@ -52,6 +55,7 @@ from layercache.evaluation import (  # noqa: E402
     exit_flops,
     exit_table,
     from_run,
+    markdown_table,
     model_answers,
     name_to_index,
     pct,
@@ -115,6 +119,7 @@ WORKLOADS = {
 }
 SECTIONS = (
     "trunk", "tables", "latency", "overhead", "policy", "recording", "serving", "tradeoff", "certify", "bundle",
+    "drift", "soak",
 )  # fmt: skip
 CERTIFY_TOLERANCES = (0.005, 0.01, 0.02, 0.05)
 BATCHES = (1, 8, 16, 32, 64, 128)
@@ -726,6 +731,67 @@ def _md_certify(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _md_drift(res: dict[str, Any]) -> list[str]:
+    d = res.get("drift")
+    if not d:
+        return []
+    arms = [a for a in ("static", "guarded", "refreshed") if any(a in w for w in d["windows"])]
+    header = ["shifted requests", *[f"{a}: disagreement" for a in arms], *[f"{a}: FLOPs" for a in arms]]
+    rows = []
+    for w in d["windows"]:
+        cells = [str(w["requests_so_far"])]
+        cells += [pct(w[a]["disagreement"]) if a in w else "" for a in arms]
+        cells += [f"{w[a]['flops_ratio']:.3f}" if a in w else "" for a in arms]
+        rows.append(cells)
+    check, refresh = d.get("check", {}), d.get("refresh", {})
+    lines = ["### Drift: built on clean traffic, served blurred and noised images", "", *markdown_table(header, rows)]
+    lines += [
+        "",
+        f"After window {len([w for w in d['windows'] if 'refreshed' not in w])}: `--check` said "
+        f"{'stale' if check.get('stale') else 'fresh'} ({'; '.join(check.get('reasons', [])) or 'no reason'}); "
+        f"refresh: {refresh.get('reason', 'not run')}.",
+        "",
+        "![drift](docs/bench/drift.png)",
+        "",
+    ]
+    return lines
+
+
+def _md_soak(res: dict[str, Any]) -> list[str]:
+    s = res.get("soak")
+    if not s:
+        return []
+    return [
+        f"### Soak: {s['seconds']:.0f} s at 16 clients, recording and verification on",
+        "",
+        *markdown_table(
+            [
+                "requests",
+                "req/s",
+                "errors",
+                "errors outside the scale-down",
+                "worker RSS growth after warm-up",
+                "fd growth",
+                "log dir max / cap",
+            ],
+            [
+                [
+                    s["requests"],
+                    s["rps"],
+                    s["errors"],
+                    s["errors_outside_scale_down"],
+                    f"{100 * s['rss_growth']:.1f}%",
+                    s["fd_growth"],
+                    f"{s['max_log_mb']} MB / {s['log_cap_mb']:.0f} MB",
+                ]
+            ],
+        ),  # fmt: skip
+        "",
+        "Actions under load: " + "; ".join(s["actions"]),
+        "",
+    ]
+
+
 def markdown(res: dict[str, Any], command: str) -> str:
     lines = [
         f"Workload: `{res.get('workload', 'resnet18_fmnist')}`  ",
@@ -745,6 +811,8 @@ def markdown(res: dict[str, Any], command: str) -> str:
         _md_serving,
         _md_tradeoff,
         _md_certify,
+        _md_drift,
+        _md_soak,
     ):
         lines += section(res)
     return "\n".join(lines)
@@ -791,6 +859,7 @@ class BenchArgs:
     eval: int
     rebuild: bool
     seeds: int
+    soak_seconds: float
 
 
 class Bench:
@@ -897,6 +966,77 @@ def step_certify(bench: Bench) -> None:
     bench.res["certify"] = certify(bench.state(), bench.models(), CERTIFY_TOLERANCES, bench.args.seeds)
 
 
+def step_drift(bench: Bench) -> None:
+    """Blurred and noised unseen images to the static, guarded and refreshed cache (layercache.testing.drift)."""
+    from layercache.testing.drift import DriftSetup, corrupt, plot, run_drift
+
+    blobs, _ = eval_images(bench.paths["eval"])
+    shifted = [corrupt(b, seed=i) for i, b in enumerate(blobs)]
+    models = bench.models()
+    with tempfile.TemporaryDirectory(prefix="bench-drift-") as tmp:
+        x = open_mar(bench.paths["mar"], Path(tmp) / "mar").preprocess([{"data": b} for b in shifted])
+        with torch.inference_mode():
+            reference = torch.cat([models.backbone(x[i : i + 256]) for i in range(0, len(x), 256)]).argmax(1).numpy()
+        setup = DriftSetup(
+            cached_mar=bench.paths["cached"],
+            report=bench.report,
+            logs=bench.paths["logs"],
+            bodies=shifted,
+            reference=reference,
+            index_to_name=json.loads((EXAMPLE / "index_to_name.json").read_text()),
+            workdir=Path(tmp),
+        )
+        result = run_drift(setup)
+    bench.res["drift"] = {"windows": result.windows, "check": result.check, "refresh": result.refresh,
+                          "guard": result.guard}  # fmt: skip
+    plot(result, bench.args.out / "drift.png", float(bench.report["tolerance"]))
+
+
+def step_soak(bench: Bench) -> None:
+    """The cached archive with recording and verification on, under load for --soak-seconds, swapped, rolled back
+    and scaled meanwhile (layercache.testing.soak)."""
+    import shutil
+
+    from layercache.archive import with_handler_config
+    from layercache.testing.soak import soak
+    from layercache.testing.torchserve import TorchServeProcess
+
+    seconds = bench.args.soak_seconds
+    blobs, _ = eval_images(bench.paths["eval"])
+    names = name_to_index(json.loads((EXAMPLE / "index_to_name.json").read_text()))
+    with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
+        store, logs = Path(tmp) / "store", Path(tmp) / "logs"
+        store.mkdir()
+        shutil.copytree(bench.paths["logs"], logs)
+        cap_gb = 0.05
+        for version in ("soak", "soak-b"):
+            with_handler_config(bench.paths["cached"], store / f"{version}.mar", version=version, log_dir=str(logs),
+                                verify_fraction=0.02, max_log_gb=cap_gb)  # fmt: skip
+        with TorchServeProcess(store, workdir=Path(tmp) / "ts", env={"OMP_NUM_THREADS": "1"}) as server:
+            client = server.client(timeout_s=300)
+            for version in ("soak", "soak-b"):
+                client.register(f"{version}.mar", "m", initial_workers=1, batch_size=8, max_batch_delay_ms=20)
+                client.wait_ready("m", version, timeout_s=120)
+            client.set_default("m", "soak")
+            actions = [
+                (seconds * 0.3, "scale soak to 2 workers", lambda: client.scale("m", "soak", 2)),
+                (seconds * 0.5, "swap to soak-b", lambda: client.set_default("m", "soak-b")),
+                (seconds * 0.6, "roll back to soak", lambda: client.set_default("m", "soak")),
+                (seconds * 0.8, "scale soak to 1 worker", lambda: client.scale("m", "soak", 1)),
+            ]
+            result = soak(
+                f"{server.inference_url}/predictions/m", blobs, names, seconds=seconds, concurrency=16,
+                pids=lambda: server.worker_pids("m", "all"), log_dir=logs, warmup_s=min(60.0, seconds / 5),
+                actions=actions, token=server.inference_token,
+            )  # fmt: skip
+    (down,) = [t for t, name in result.actions if name.startswith("scale soak to 1")]
+    bench.res["soak"] = {
+        **result.summary(),
+        "log_cap_mb": cap_gb * 1024,
+        "errors_outside_scale_down": result.errors - result.errors_between(down - 2, down + 32),
+    }
+
+
 #: Section -> its step, in the order they run (trunk and serving share one TorchServe).
 STEPS = {
     "tables": step_tables,
@@ -909,6 +1049,8 @@ STEPS = {
     "serving": step_serving,
     "tradeoff": step_tradeoff,
     "certify": step_certify,
+    "drift": step_drift,
+    "soak": step_soak,
 }
 
 
@@ -955,6 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
         eval=ns.eval,
         rebuild=ns.rebuild,
         seeds=ns.seeds,
+        soak_seconds=ns.soak_seconds,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
