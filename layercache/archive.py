@@ -239,15 +239,30 @@ def package(
 
 
 def wrap_for_recording(
-    mar: Path, output: Path, *, handler_config: HandlerConfig | None = None, force: bool = False
+    mar: Path,
+    output: Path,
+    *,
+    handler_config: HandlerConfig | None = None,
+    force: bool = False,
+    sample: bytes | None = None,
 ) -> Path:
-    """Repackage a plain classifier ``.mar`` with the recording handler (answers unchanged, traffic logged)."""
+    """Repackage a plain classifier ``.mar`` with the recording handler (answers unchanged, traffic logged).
+
+    ``sample`` (one request body) test-runs the original handler first (:func:`layercache.offline.try_sample`),
+    so an archive layercache cannot serve is refused here rather than at its first request.
+    """
     info = read_mar(mar)
     if info.mode is not None:
         raise ArchiveError(
             f"{mar} is already a layercache archive (mode {info.mode}). Hint: wrap the original classifier .mar"
         )
     cfg = handler_config or HandlerConfig()
+    if sample is not None:
+        from layercache.offline import try_sample
+
+        run = try_sample(mar, sample, output_key=cfg.output_key, output_kind=cfg.output_kind)
+        logger.info("sample: input %s per request, %d classes as %s%s", list(run.input_shape), run.num_classes,
+                    run.output.kind, "" if run.output.key is None else f" at {run.output.key!r}")  # fmt: skip
     cfg = dataclasses.replace(cfg, inner_handler=info.handler, mode="record")
     with tempfile.TemporaryDirectory(prefix="layercache-src-") as tmp:
         extract_mar(mar, Path(tmp))
