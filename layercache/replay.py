@@ -121,8 +121,9 @@ def replay(
     batch_size: int,
     progress: Callable[[Iterable[Any], str], Iterable[Any]] = _no_progress,
     output: OutputSpec | None = None,
+    leaf_modules: Sequence[str] = (),
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, OutputSpec]:
-    """Run logged inputs through the backbone split at ``nodes``.
+    """Run logged inputs through the backbone split at ``nodes`` (traced with ``leaf_modules``).
 
     Returns:
         ``acts[node]``: float16 activations pre-pooled to at most ``max_spatial`` with :func:`prepool_size_for`
@@ -130,7 +131,7 @@ def replay(
         computes at serving time), the backbone's class scores ``(N, K)`` in float32, and where they are in its
         output (detected on the first batch unless ``output`` is given).
     """
-    segments = split(backbone, list(nodes))
+    segments = split(backbone, list(nodes), leaf_modules=leaf_modules)
     n = inputs.n
     acts: dict[str, torch.Tensor] = {}
     scores_out: torch.Tensor | None = None

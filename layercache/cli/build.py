@@ -32,6 +32,7 @@ EPILOG = """examples:
       -o model-store/fashion_cached.mar --report reports/fashion
   python tools/build_cache.py --mar model.mar --logs logs/m --cost latency --version 2.0 -o m_cached.mar --report r/
   python tools/build_cache.py --mar model.mar --logs logs/m --list-layers
+  python tools/build_cache.py --mar tf_port.mar --logs logs/t --leaf-modules SamePadConv2d -o t_cached.mar
 """
 
 
@@ -108,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--layers", default=None, help="comma-separated candidate fx node names (default: automatic)")
     p.add_argument("--list-layers", action="store_true", help="print the candidate and all cuttable layers, then exit")
+    p.add_argument(
+        "--leaf-modules",
+        default=None,
+        help="comma-separated module class names torch.fx must not trace into, e.g. SamePadConv2d or "
+        "my_model.blocks:SamePadConv2d (default: only those found automatically where tracing fails)",
+    )
     p.add_argument("--trials", type=int, default=4, help="head architectures tried per layer (default: 4)")
     p.add_argument("--epochs", type=int, default=20, help="max training epochs per head, early stopped (default: 20)")
     p.add_argument(
@@ -132,6 +139,11 @@ class BuildArgs:
     request: BuildRequest | None
     mar: Path
     logs: Path
+    leaf_modules: tuple[str, ...] = ()
+
+
+def _leaf_modules(text: str | None) -> tuple[str, ...]:
+    return tuple(name.strip() for name in (text or "").split(",") if name.strip())
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[BuildArgs, argparse.Namespace]:
@@ -149,7 +161,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> t
     if not 0 < ns.delta < 0.5:
         parser.error(f"--delta {ns.delta} must be in (0, 0.5), e.g. 0.05")
     if ns.list_layers:
-        return BuildArgs(None, ns.mar, ns.logs), ns
+        return BuildArgs(None, ns.mar, ns.logs, _leaf_modules(ns.leaf_modules)), ns
     try:
         config = BuildConfig(
             tolerance=ns.tolerance,
@@ -160,6 +172,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> t
             cost=ns.cost,
             train=TrainConfig(epochs=ns.epochs, patience=3, seed=ns.seed, num_threads=ns.train_threads),
             nodes=tuple(ns.layers.split(",")) if ns.layers else None,
+            leaf_modules=_leaf_modules(ns.leaf_modules),
             **({} if ns.confidence is None else {"margin_z": NormalDist().inv_cdf(ns.confidence)}),
         )
         request = BuildRequest(
@@ -190,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if request is None:
 
         def call() -> None:
-            sys.stdout.write(list_layers(args.mar, args.logs).text())
+            sys.stdout.write(list_layers(args.mar, args.logs, leaf_modules=args.leaf_modules).text())
 
     else:
 
