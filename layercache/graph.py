@@ -711,12 +711,13 @@ def find_candidates(
             profile.unreadable[unreadable[0]],
         )
     if not cands:
+        why = [f"{len(unreadable)} cuttable layers have activations heads cannot read, see --list-layers"]
+        if gm.meta.get(LEAF_NAMES_KEY):
+            why.append(f"leaf modules {list(gm.meta[LEAF_NAMES_KEY])} are not cut inside")
         logger.warning(
-            "%s: no candidate layer found%s; %s",
+            "%s: no candidate layer found (%s); %s",
             type(model).__name__,
-            f" ({len(unreadable)} cuttable layers have activations heads cannot read, see --list-layers)"
-            if unreadable
-            else "",
+            "; ".join(why[0 if unreadable else 1 :]) or "no cuttable layer passes the FLOPs filters",
             _HINT_LIST,
         )
         return []
