@@ -810,7 +810,8 @@ def describe_nodes(
         One :class:`Candidate` per name, in the given order.
 
     Raises:
-        GraphError: a name is unknown, is not a single-live point, or its activation is not batch-first.
+        GraphError: a name is unknown, is not a single-live point, or its activation is not batch-first or is
+            laid out so that no head can read it (see :func:`excluded_layers`).
     """
     gm = trace(model, leaf_modules=leaf_modules)
     resolved = _resolve(gm, nodes, type(model).__name__)
