@@ -237,10 +237,14 @@ class CacheSpec:
     #: What the build used: logged rows, their time range, log dir, build time (for ``build_cache.py --check``).
     provenance: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Module classes the build traced as leaves (given and found automatically, ``layercache.graph.trace``): the
+    #: served model is split with the same ones, so its cut points and node names are the build's.
+    leaf_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
         object.__setattr__(self, "candidates", tuple(self.candidates))
+        object.__setattr__(self, "leaf_modules", tuple(str(m) for m in self.leaf_modules or ()))
         exits = tuple(
             e if isinstance(e, ExitSpec) else from_mapping(ExitSpec, e, where="cache exit") for e in self.exits
         )

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import tempfile
@@ -253,12 +254,16 @@ def refresh_cache(
     base = read_mar(request.mar).version
     version = request.version or f"{base.split('-r')[0]}-r{stamp}"
     candidate = Path(request.model_store) / f"{request.model}_{version}.mar"
+    config = request.config
+    if not config.leaf_modules and running.leaf_modules:
+        # The running cache's leaves (given by hand or found) keep the candidate's layer names comparable.
+        config = dataclasses.replace(config, leaf_modules=tuple(running.leaf_modules))
     outcome = build_cached_archive(
         BuildRequest(
             mar=request.mar,
             logs=request.logs,
             output=candidate,
-            config=request.config,
+            config=config,
             version=version,
             max_rows=request.max_rows,
             force=True,

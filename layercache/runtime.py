@@ -149,7 +149,7 @@ class CachedModel(nn.Module):
         ``heads_state`` keys are ``"<exit position>.<parameter name>"`` as written by :func:`heads_state_dict`.
         """
         backbone.eval()
-        segments = split(backbone, list(spec.nodes)) if spec.exits else [backbone]
+        segments = split(backbone, list(spec.nodes), leaf_modules=spec.leaf_modules) if spec.exits else [backbone]
         heads = [build_head(HeadSpec.from_dict(e.head), e.in_shape, spec.num_classes) for e in spec.exits]
         for i, head in enumerate(heads):
             if heads_state is not None:
@@ -335,14 +335,15 @@ class CachedModel(nn.Module):
 class RecordingModel(nn.Module):
     """The backbone as segments cut at ``nodes``; returns the output and each cut's pooled activation.
 
-    The segments reproduce the backbone exactly (fx split), so recording never changes an answer.
+    The segments reproduce the backbone exactly (fx split), so recording never changes an answer. ``leaf_modules``
+    are the module classes the nodes were found with (``layercache.graph.trace``).
     """
 
-    def __init__(self, backbone: nn.Module, nodes: Sequence[str]) -> None:
+    def __init__(self, backbone: nn.Module, nodes: Sequence[str], leaf_modules: Sequence[str] = ()) -> None:
         super().__init__()
         backbone.eval()
         self.nodes = tuple(nodes)
-        self.segments = nn.ModuleList(split(backbone, list(nodes)) if nodes else [backbone])
+        self.segments = nn.ModuleList(split(backbone, list(nodes), leaf_modules=leaf_modules) if nodes else [backbone])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         acts: dict[str, torch.Tensor] = {}

@@ -519,7 +519,7 @@ class RecordingService:
         """
         device = getattr(inner, "device", torch.device("cpu"))
         nodes = _candidate_nodes(config, backbone, device)
-        model = RecordingModel(backbone, nodes).to(device)
+        model = RecordingModel(backbone, nodes, config.leaf_modules).to(device)
         return cls(ServiceParts.create(config, inner, backbone, identity, nodes), model)
 
     def handle(self, rows: Sequence[Row]) -> Handled:
@@ -569,10 +569,11 @@ def _candidate_nodes(config: HandlerConfig, backbone: nn.Module, device: torch.d
     from layercache.graph import describe_nodes, find_candidates
 
     example = torch.zeros((1, *config.input_shape), device=device)
+    leaves = config.leaf_modules
     try:
         if config.candidates is not None:
-            return [c.node for c in describe_nodes(backbone, example, config.candidates)]
-        return [c.node for c in find_candidates(backbone, example)]
+            return [c.node for c in describe_nodes(backbone, example, config.candidates, leaf_modules=leaves)]
+        return [c.node for c in find_candidates(backbone, example, leaf_modules=leaves)]
     except GraphError as exc:
         logger.warning("recording inputs and outputs only: %s", exc)
         return []

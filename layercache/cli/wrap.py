@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         "preprocess that does not give one tensor per request, or an output without clear class scores",
     )
     p.add_argument(
+        "--leaf-modules",
+        default=None,
+        help="comma-separated module class names torch.fx must not trace into when finding the layers to log, e.g. "
+        "SamePadConv2d (default: only those found automatically where tracing fails)",
+    )
+    p.add_argument(
         "--segment-mb", type=float, default=64.0, help="rotate a worker's log segment at this size (default: 64)"
     )
     p.add_argument("--max-log-gb", type=float, default=10.0, help="cap on the whole log dir (default: 10)")
@@ -101,6 +107,7 @@ class WrapArgs:
                 log_dir=str(ns.log_dir.resolve()) if ns.log_dir else None,
                 record_activations=ns.activations,
                 candidates=tuple(ns.candidates.split(",")) if ns.candidates else None,
+                leaf_modules=tuple(n.strip() for n in (ns.leaf_modules or "").split(",") if n.strip()),
                 segment_mb=ns.segment_mb,
                 max_log_gb=ns.max_log_gb,
                 input_shape=ns.input_shape,

@@ -60,7 +60,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pat
             "report": tmp / "report",
         }
         assert tool("tools/make_default_model.py")(["-o", str(p["mar"]), "--quiet"]) == 0
-        wrap = [str(p["mar"]), "-o", str(p["rec"]), "--input-shape", "1,28,28", "--quiet"]
+        wrap = [str(p["mar"]), "-o", str(p["rec"]), "--input-shape", "1,28,28", "--activations", "--quiet"]
         assert tool("archiver/wrap_mar.py")(wrap) == 0
         assert (
             tool("tools/record.py")(
