@@ -340,10 +340,36 @@ def _input_independent(gm: fx.GraphModule) -> set[fx.Node]:
     return const
 
 
+def _is_dim0(node: fx.Node) -> bool:
+    """``x.size(0)``, ``x.size()[0]`` or ``x.shape[0]``: the batch size, read from a tensor."""
+    if node.op == "call_method" and node.target == "size":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return dim == 0
+    if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2 and node.args[1] == 0:
+        whole = node.args[0]
+        return isinstance(whole, fx.Node) and (
+            (whole.op == "call_method" and whole.target == "size" and len(whole.args) == 1 and not whole.kwargs)
+            or (whole.op == "call_function" and whole.target is getattr and whole.args[1:] == ("shape",))
+        )
+    return False
+
+
+def _batch_sizes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes holding the batch size (and shape reads used only for it), e.g. ``bs = inputs.size(0)`` at the top of
+    a ``forward`` that ends in ``x.view(bs, -1)``, as EfficientNet ports do.
+
+    Every activation is batch-first and the batch shrinks as rows exit, so these are not live values across a cut:
+    a later segment reads the batch size again from its own input (see :func:`_build_segment`).
+    """
+    sizes = {n for n in gm.graph.nodes if _is_dim0(n)}
+    wholes = {n.args[0] for n in sizes if n.op == "call_function" and n.target is operator.getitem}
+    return sizes | {w for w in wholes if isinstance(w, fx.Node) and all(u in sizes for u in w.users)}
+
+
 def _single_live_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     nodes = list(gm.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
-    const = _input_independent(gm)
+    const = _input_independent(gm) | _batch_sizes(gm)
     outputs = [n for n in nodes if n.op == "output"]
     producers = {i for o in outputs for i in o.all_input_nodes}
     # Sweep: a value is live after position p if defined at or before p and used after p.
@@ -881,16 +907,21 @@ def _build_segment(
     target: fx.Node | None,
     index: int,
     const: set[fx.Node],
+    batch_sizes: set[fx.Node] = frozenset(),  # type: ignore[assignment]
 ) -> fx.GraphModule:
     """One segment: ``source``'s value (or the model input) -> ``target``'s value (or the model output).
 
-    ``const`` holds the input-independent nodes (see :func:`_input_independent`).
+    ``const`` holds the input-independent nodes (see :func:`_input_independent`), ``batch_sizes`` the batch-size
+    reads (see :func:`_batch_sizes`): an earlier segment's one is read again from this segment's input.
     """
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
 
     def lookup(node: fx.Node) -> fx.Node:
         if node in env:
+            return env[node]
+        if node in batch_sizes and source is not None and _is_dim0(node):
+            env[node] = graph.call_method("size", (env[source], 0))
             return env[node]
         if node in const:
             # Parameters and values derived from them alone are recreated in each segment that uses them.
@@ -931,12 +962,13 @@ def _split_graph(gm: fx.GraphModule, cuts: list[fx.Node]) -> list[fx.GraphModule
     positions = [index[c] for c in cuts]
     bounds = [-1, *positions, len(order) - 1]
     const = _input_independent(gm)
+    batch_sizes = _batch_sizes(gm)
     segments = []
     for k in range(len(bounds) - 1):
         body = order[bounds[k] + 1 : bounds[k + 1] + 1]
         source = cuts[k - 1] if k > 0 else None
         target = cuts[k] if k < len(cuts) else None
-        segments.append(_build_segment(gm, body, source, target, k, const))
+        segments.append(_build_segment(gm, body, source, target, k, const, batch_sizes))
     return segments
 
 

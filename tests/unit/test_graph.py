@@ -539,3 +539,44 @@ def test_torchvision_architectures_split_exactly(arch: str, x: torch.Tensor) -> 
     got = run_chain(segments, x)
     assert torch.equal(got, expected)  # bitwise: same ops, same order
     check_batch_dim(segments, x)
+
+
+class BatchSizeAtTheTop(nn.Module):
+    """``bs = x.size(0)`` read before the layers and used after them, as the EfficientNet ports' forward does."""
+
+    def __init__(self, read: str) -> None:
+        super().__init__()
+        self.read = read
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.block1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(8, 4, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(4 * 14 * 14, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bs = {"size": lambda: x.size(0), "whole": lambda: x.size()[0], "shape": lambda: x.shape[0]}[self.read]()
+        return self.fc(self.block2(self.block1(self.stem(x))).view(bs, -1))
+
+
+@pytest.mark.parametrize("read", ["size", "whole", "shape"])
+def test_a_batch_size_read_at_the_top_is_read_again_after_each_cut(read: str, x: torch.Tensor) -> None:
+    model = BatchSizeAtTheTop(read).eval()
+    nodes = list_layer_names(model)
+    assert {"stem.1", "block1.1"} <= set(nodes)
+    segments = split(model, ["stem.1", "block1.1"])
+    batch = torch.randn(6, 1, 28, 28)
+    with torch.no_grad():
+        full = model(batch)
+        assert torch.equal(segments[2](segments[1](segments[0](batch))), full)
+        # Rows exit between segments: the later ones see a smaller batch and must not reuse the first one's size.
+        rest = segments[1](segments[0](batch)[2:])[1:]
+        assert torch.equal(segments[2](rest), full[3:])
+
+
+def test_a_spatial_size_read_at_the_top_keeps_the_layers_uncuttable() -> None:
+    class SpatialAtTheTop(BatchSizeAtTheTop):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x.shape[-1]
+            return self.fc(self.block2(self.block1(self.stem(x))).flatten(1)) * (h / 28)
+
+    # The height cannot be read from a later activation (it changes), so it stays live: no cut between the reads.
+    assert not {"stem.1", "block1.1"} & set(list_layer_names(SpatialAtTheTop("size").eval()))
