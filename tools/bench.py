@@ -18,6 +18,11 @@ last 3,000 are never seen by the build and are what every table is measured on. 
   rollback and worker scaling meanwhile: errors, worker memory and fds, log dir size.
 * ``certify``: the certified rule against the per-head rule at tolerances 0.005-0.05 over ``--seeds`` builds that
   resample the held-out rows: FLOPs and agreement on the unseen images, and how often each breaks its promise.
+* ``photos224``: the 224-px workload (:mod:`layercache.testing.workload224`): EfficientNet-Lite0 with ImageNet
+  weights from a registry package on JPEG crops of real photos, through TorchServe: log bytes per request against
+  the bodies, recording overhead, build time and peak RSS, agreement, exits, FLOPs and served throughput.
+* ``buildmem``: build time and peak RSS (a child process) on the workload's log grown to 10k, 50k and 200k rows
+  (:mod:`layercache.testing.biglogs`): the build reads the newest ``--max-rows`` (20,000) whatever the log holds.
 * ``bundle``: ``OUT/device-bundle``, what ``tools/bench_device.py`` needs to measure the model on another device
   (the GPU tables) with no TorchServe and no ``../shared`` there.
 
@@ -119,8 +124,10 @@ WORKLOADS = {
 }
 SECTIONS = (
     "trunk", "tables", "latency", "overhead", "policy", "recording", "serving", "tradeoff", "certify", "bundle",
-    "drift", "soak",
+    "drift", "soak", "photos224", "buildmem",
 )  # fmt: skip
+BUILDMEM_ROWS = (10_000, 50_000, 200_000)
+BUILDMEM_ARGS = ("--trials", "1", "--epochs", "4")  # the memory is the point; fewer trials keep three builds short
 CERTIFY_TOLERANCES = (0.005, 0.01, 0.02, 0.05)
 BATCHES = (1, 8, 16, 32, 64, 128)
 TOLERANCES = (0.0025, 0.005, 0.01, 0.02, 0.05)
@@ -792,6 +799,39 @@ def _md_soak(res: dict[str, Any]) -> list[str]:
     ]
 
 
+def _md_photos224(res: dict[str, Any]) -> list[str]:
+    from layercache.testing.workload224 import markdown as md
+
+    return ["### 224-px workload: EfficientNet-Lite0 on real photos, through TorchServe", "", *md(res["photos224"]),
+            ""] if res.get("photos224") else []  # fmt: skip
+
+
+def _md_buildmem(res: dict[str, Any]) -> list[str]:
+    rows = res.get("buildmem")
+    if not rows:
+        return []
+    return [
+        "### Build time and memory as the log grows (`--max-rows` 20,000, " + " ".join(BUILDMEM_ARGS) + ")",
+        "",
+        *markdown_table(
+            ["logged rows", "rows built from", "build s", "peak RSS MB", "FLOPs ratio"],
+            [
+                [
+                    f"{r['rows']:,}",
+                    f"{r['rows_used'] or 0:,}",
+                    f"{r['seconds']:.0f}",
+                    f"{r['peak_rss_mb']:,.0f}",
+                    f"{r['flops_ratio']:.3f}",
+                ]
+                for r in rows
+            ],
+        ),  # fmt: skip
+        "",
+        f"Command of each build: `{rows[0]['command']}` (paths of a temporary folder).",
+        "",
+    ]
+
+
 def markdown(res: dict[str, Any], command: str) -> str:
     lines = [
         f"Workload: `{res.get('workload', 'resnet18_fmnist')}`  ",
@@ -813,6 +853,8 @@ def markdown(res: dict[str, Any], command: str) -> str:
         _md_certify,
         _md_drift,
         _md_soak,
+        _md_photos224,
+        _md_buildmem,
     ):
         lines += section(res)
     return "\n".join(lines)
@@ -839,6 +881,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seeds", type=int, default=20, help="certify: resampled builds per tolerance and rule (default: 20)"
     )
+    p.add_argument("--photos-traffic", type=int, default=3000, help="photos224: recorded requests (default: 3000)")
+    p.add_argument("--photos-unseen", type=int, default=1000, help="photos224: unseen requests (default: 1000)")
     p.add_argument("--quiet", action="store_true", help="warnings only (default: off)")
     return p
 
@@ -860,6 +904,8 @@ class BenchArgs:
     rebuild: bool
     seeds: int
     soak_seconds: float
+    photos_traffic: int = 3000
+    photos_unseen: int = 1000
 
 
 class Bench:
@@ -957,6 +1003,32 @@ def step_serving(bench: Bench) -> None:
         bench.res["serving"] = served["load"]
 
 
+def step_photos224(bench: Bench) -> None:
+    from layercache.testing.workload224 import Setup224, run_224
+
+    setup = Setup224(out=bench.args.out / "photos224", traffic=bench.args.photos_traffic,
+                     unseen=bench.args.photos_unseen, tolerance=bench.args.tolerance)  # fmt: skip
+    bench.res["photos224"] = run_224(setup, progress)
+
+
+def step_buildmem(bench: Bench) -> None:
+    import shutil
+
+    from layercache.testing.biglogs import build_child, grow_log
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-buildmem-") as tmp:
+        for n in BUILDMEM_ROWS:
+            logs = Path(tmp) / f"logs-{n}"
+            grow_log(bench.paths["logs"], logs, n)
+            run = build_child(bench.paths["rec"], logs, Path(tmp) / "cached.mar", Path(tmp) / f"report-{n}",
+                              bench.args.tolerance, BUILDMEM_ARGS)  # fmt: skip
+            report = json.loads((Path(tmp) / f"report-{n}" / "report.json").read_text())
+            rows.append({"rows": n, **run, "rows_used": report["rows"]["total"], "flops_ratio": report["flops_ratio"]})
+            shutil.rmtree(logs)
+    bench.res["buildmem"] = rows
+
+
 def step_tradeoff(bench: Bench) -> None:
     bench.res["tradeoff"] = tradeoff(bench.state(), TOLERANCES)
     plot_tradeoff(bench.res["tradeoff"], bench.args.out / "tradeoff.png", bench.args.workload.name)
@@ -1051,6 +1123,8 @@ STEPS = {
     "certify": step_certify,
     "drift": step_drift,
     "soak": step_soak,
+    "photos224": step_photos224,
+    "buildmem": step_buildmem,
 }
 
 
@@ -1098,6 +1172,8 @@ def main(argv: list[str] | None = None) -> int:
         rebuild=ns.rebuild,
         seeds=ns.seeds,
         soak_seconds=ns.soak_seconds,
+        photos_traffic=ns.photos_traffic,
+        photos_unseen=ns.photos_unseen,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
