@@ -839,6 +839,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seeds", type=int, default=20, help="certify: resampled builds per tolerance and rule (default: 20)"
     )
+    p.add_argument(
+        "--soak-seconds", type=float, default=600.0, help="soak: seconds of load on the cached archive (default: 600)"
+    )
     p.add_argument("--quiet", action="store_true", help="warnings only (default: off)")
     return p
 
