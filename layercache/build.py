@@ -227,7 +227,7 @@ def affordable_space(cand: Candidate, num_classes: int, config: BuildConfig) -> 
     """The search space at ``cand`` without heads too costly for the FLOPs they could save (or to train)."""
     cap = min(config.max_head_fraction * cand.flops_remaining, config.max_head_flops)
     space = search_space(cand.shape, num_classes, config.max_spatial)
-    kept = [s for s in space if head_flops(s, cand.shape, num_classes) <= cap]
+    kept = [s for s in space if head_flops(s, cand.shape, num_classes) <= cap]  # closed form: no head is built
     return kept or space[:1]
 
 
