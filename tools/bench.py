@@ -883,6 +883,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--photos-traffic", type=int, default=3000, help="photos224: recorded requests (default: 3000)")
     p.add_argument("--photos-unseen", type=int, default=1000, help="photos224: unseen requests (default: 1000)")
+    p.add_argument(
+        "--soak-seconds", type=float, default=600.0, help="soak: seconds of load on the cached archive (default: 600)"
+    )
     p.add_argument("--quiet", action="store_true", help="warnings only (default: off)")
     return p
 
@@ -1150,10 +1153,10 @@ def run_bench(args: BenchArgs, command: str) -> str:
     return md
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[BenchArgs, bool]:
+    """The command line as :class:`BenchArgs` (and ``--quiet``); usage errors exit 2 with the message."""
     parser = build_parser()
     ns = parser.parse_args(argv)
-    setup_logging(ns.quiet)
     sections = tuple(s for s in ns.sections.split(",") if s)
     bad = sorted(set(sections) - set(SECTIONS))
     if bad:
@@ -1175,6 +1178,12 @@ def main(argv: list[str] | None = None) -> int:
         photos_traffic=ns.photos_traffic,
         photos_unseen=ns.photos_unseen,
     )
+    return args, ns.quiet
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, quiet = parse_args(argv)
+    setup_logging(quiet)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
     command = ("python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()

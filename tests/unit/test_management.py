@@ -587,7 +587,8 @@ def test_swap_reads_the_management_key_from_key_file(fake: FakeManagement, tmp_p
     from layercache.cli.swap import main
 
     (tmp_path / "ts").mkdir()
-    key_file = _key_file(tmp_path / "ts" / "key_file.json", expires=_in_an_hour())  # TorchServe's work dir, not the current one
+    # TorchServe's work dir, not the current one
+    key_file = _key_file(tmp_path / "ts" / "key_file.json", expires=_in_an_hour())
     assert main([*_rollback_to_1(fake), "--key-file", str(key_file)]) == 0
     assert _authorizations(fake) == {"Bearer m-key"}  # the management key, never the inference one
     assert fake.calls()[-1] == ("PUT", "/models/tiny/1.0/set-default")
