@@ -1,7 +1,8 @@
 """Refresh a served cache from recent traffic (paper section 4.5): rebuild from the newest logged requests, compare
 the candidate with the running cache on recent requests neither trained on, and swap it in through TorchServe's
 management API only if it keeps its promise and costs no more; otherwise keep the running one and say why. The
-previous version stays registered: swap_version.py --rollback goes back.
+previous version stays registered: swap_version.py --rollback goes back. The management key is found as
+swap_version.py finds it: --key-file, $LAYERCACHE_MANAGEMENT_TOKEN, or ./key_file.json.
 
 Exit status: 0 swapped, 4 kept the running cache (the reason is logged), 1 error, 2 usage error.
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from layercache.build import BuildConfig
 from layercache.cli import run_command, setup_logging
-from layercache.errors import ConfigError
+from layercache.cli.swap import add_key_arguments, management_token
+from layercache.errors import ConfigError, TokenError
 from layercache.management import ManagementClient
 from layercache.progress import progress
 from layercache.refresh import RefreshRequest, refresh_cache
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-store", type=Path, default=Path("model-store"), help="the server's model store, where "
                    "the new archive is written (default: model-store)")  # fmt: skip
     p.add_argument("--management", default="http://127.0.0.1:8081", help="management address (default: %(default)s)")
-    p.add_argument("--token", default=None, help="management token (default: none)")
+    add_key_arguments(p)
     p.add_argument("--tolerance", type=float, default=0.01, help="the new cache's tolerance (default: 0.01)")
     p.add_argument(
         "--delta", type=float, default=0.05, help="the new cache's promise error probability (default: 0.05)"
@@ -86,9 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             state_file=ns.state_file,
             dry_run=ns.dry_run,
         )
-    except ConfigError as exc:
+        token = None if request.dry_run else management_token(ns.token, ns.key_file)[0]
+    except (ConfigError, TokenError) as exc:
         parser.error(str(exc))
-    args = RefreshArgs(ns.management, ns.token, request)
+    args = RefreshArgs(ns.management, token, request)
 
     def call() -> int:
         client = None if args.request.dry_run else ManagementClient(args.management, token=args.token)

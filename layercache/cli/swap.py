@@ -79,21 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--management", default="http://127.0.0.1:8081", help="TorchServe management address (default: %(default)s)"
     )
-    key = parser.add_mutually_exclusive_group()
-    key.add_argument(
-        "--key-file",
-        type=Path,
-        default=None,
-        help="TorchServe's key_file.json, which it writes into the directory it was started from when token "
-        f"authorization is on; the management key is read from it (default: ${TOKEN_ENV} when set, else "
-        f"{KEY_FILE} in the current directory when it exists, else no key)",
-    )
-    key.add_argument(
-        "--token",
-        default=None,
-        help="the management key itself. Visible to other users of this machine (ps) and kept in shell history: "
-        f"prefer --key-file or ${TOKEN_ENV} (default: none)",
-    )
+    add_key_arguments(parser)
     parser.add_argument(
         "--workers", type=int, default=1, help="workers to start for the new version (default: %(default)s)"
     )
@@ -198,6 +184,25 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> S
     except ConfigError as error:
         parser.error(str(error))
     return SwapArgs(ns.management, token, token_source, ns.rollback, request, ns.quiet)
+
+
+def add_key_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--key-file`` / ``--token``, one of them (read with :func:`management_token`)."""
+    key = parser.add_mutually_exclusive_group()
+    key.add_argument(
+        "--key-file",
+        type=Path,
+        default=None,
+        help="TorchServe's key_file.json, which it writes into the directory it was started from when token "
+        f"authorization is on; the management key is read from it (default: ${TOKEN_ENV} when set, else "
+        f"{KEY_FILE} in the current directory when it exists, else no key)",
+    )
+    key.add_argument(
+        "--token",
+        default=None,
+        help="the management key itself. Visible to other users of this machine (ps) and kept in shell history: "
+        f"prefer --key-file or ${TOKEN_ENV} (default: none)",
+    )
 
 
 def management_token(token: str | None, key_file: Path | None) -> tuple[str | None, str]:

@@ -126,3 +126,25 @@ def test_a_refresh_candidate_replaces_the_running_cache_only_when_it_is_better()
     assert not uncertified[0] and "could not certify" in uncertified[1]
     few = decide({**base, "eval_rows": 20, "candidate": good}, 0.01, 200)
     assert not few[0] and "only 20 recent logged requests" in few[1]
+
+
+def test_refresh_cli_reads_the_management_key_as_swap_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """refresh.py had only --token, so with TorchServe's token authorization on (the default) it could not swap
+    without putting the key on the command line; it now takes --key-file and ./key_file.json like swap_version.py."""
+    import json
+
+    from layercache.cli import refresh
+
+    monkeypatch.chdir(tmp_path)
+    expired = {"management": {"key": "m", "expiration time": "2020-01-01T00:00:00Z"}, "API": {"key": "a"}}
+    (tmp_path / "key_file.json").write_text(json.dumps(expired), encoding="utf-8")
+    argv = ["--model", "m", "--mar", str(tmp_path / "m.mar"), "--logs", str(tmp_path)]
+    with pytest.raises(SystemExit) as info:
+        refresh.main(argv)  # ./key_file.json is read (and its key has expired) before anything is built
+    assert info.value.code == 2
+    assert "the management key in 'key_file.json' expired" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        refresh.main([*argv, "--key-file", "k.json", "--token", "t"])
+    assert "not allowed with argument" in capsys.readouterr().err
