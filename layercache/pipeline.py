@@ -60,6 +60,7 @@ class BuildRequest:
         policy_source: the cached workers' ``layercache.policy_source``.
         max_rows: use the newest this many logged rows (None: all). The build's memory follows the rows it uses,
             so the default keeps it flat however long the log grows.
+        strict: refuse a log file that cannot be read instead of skipping it (a warning names it and its rows).
         force: overwrite ``output``.
     """
 
@@ -73,6 +74,7 @@ class BuildRequest:
     measure_policy: bool = False
     policy_source: str = "auto"
     max_rows: int | None = 20_000
+    strict: bool = False
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -105,7 +107,7 @@ def build_cached_archive(request: BuildRequest, *, progress: Progress = no_progr
         ArchiveError: the archive is not a usable eager classifier archive, or ``output`` exists.
     """
     t0 = time.perf_counter()
-    table = _read(request.logs, request.max_rows)
+    table = _read(request.logs, request.max_rows, request.strict)
     info = read_mar(request.mar)
     with tempfile.TemporaryDirectory(prefix="layercache-build-") as tmp:
         loaded = open_mar(request.mar, Path(tmp) / "mar")
@@ -184,12 +186,12 @@ def provenance(table: Any, logs: Path, report: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def _read(logs: Path, max_rows: int | None) -> Any:
+def _read(logs: Path, max_rows: int | None, strict: bool = False) -> Any:
     compacted = compact(logs) if Path(logs).is_dir() else []
     if compacted:
         logger.info("compacted %d finished log segments to Parquet", len(compacted))
     # read_logs reads only the chosen rows' columns: a log larger than memory still builds with max_rows.
-    return read_logs(logs, max_rows=max_rows)
+    return read_logs(logs, max_rows=max_rows, strict=strict)
 
 
 @dataclass(frozen=True)

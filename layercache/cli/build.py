@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=20_000,
         help="build from the newest N logged requests: the build's memory follows N, not the log (default: 20000)",
     )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a log file that cannot be read (default: skip it, with a warning naming it and its rows)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for split, init and shuffling (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device for the build (default: cpu)")
     p.add_argument("--force", action="store_true", help="overwrite the output archive (default: refuse)")
@@ -214,6 +219,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> t
             measure_policy=ns.policy,
             policy_source=ns.policy_source,
             max_rows=ns.max_rows,
+            strict=ns.strict,
             force=ns.force,
         )
     except ConfigError as exc:

@@ -423,3 +423,22 @@ def test_bench_parses_every_field_it_reads(tmp_path: Path) -> None:
     assert bench.parse_args([])[0].soak_seconds == 600.0
     with pytest.raises(SystemExit):
         bench.parse_args(["--sections", "nope"])
+
+
+def test_build_strict_refuses_an_unreadable_log_part_naming_it(
+    pipeline: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Defect (a corrupt part blocked every build): without --strict the part is skipped (tested in
+    test_trafficlog); with --strict the build refuses and names the file, as the issue asks."""
+    import shutil
+
+    logs = tmp_path / "logs"
+    shutil.copytree(pipeline["logs"], logs)
+    part = sorted(logs.glob("part-*.parquet"))[0]
+    with open(part, "r+b") as handle:
+        handle.truncate(part.stat().st_size // 2)
+    argv = ["--mar", str(pipeline["rec"]), "--logs", str(logs), "-o", str(tmp_path / "c.mar"), "--strict", "--quiet"]
+    capsys.readouterr()
+    assert tool("tools/build_cache.py")(argv) == 1
+    assert str(part) in capsys.readouterr().err
+    assert not (tmp_path / "c.mar").exists()
