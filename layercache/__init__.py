@@ -14,6 +14,9 @@ plain ``nn.Module`` outside TorchServe, and swap versions in a running TorchServ
     model = lc.load_cached(Path("fashion_cached.mar"))        # CachedModel: model(x) -> scores
     client = lc.ManagementClient("http://127.0.0.1:8081", token=lc.read_token("key_file.json"))  # TorchServe's keys
     lc.swap_version(client, lc.SwapRequest("fashion", outcome.output))
+    if lc.check_cache(outcome.output, Path("logs/fashion")).stale:        # paper section 4.5: rebuild, swap if better
+        request = lc.RefreshRequest("fashion", outcome.output, Path("logs/fashion"), model_store=Path("model-store"))
+        lc.refresh_cache(client, request)
 
 Everything else lives in the submodules (``layercache.graph``, ``layercache.selection``...). Only
 :mod:`layercache.torchserve_adapter` imports TorchServe. Names are imported on first use, so ``import layercache``
@@ -34,12 +37,15 @@ _EXPORTS = {
     "HandlerConfig": "layercache.config",
     "LayercacheError": "layercache.errors",
     "ManagementClient": "layercache.management",
+    "RefreshRequest": "layercache.refresh",
     "SwapRequest": "layercache.swap",
     "build_cached_archive": "layercache.pipeline",
+    "check_cache": "layercache.refresh",
     "load_cached": "layercache.loading",
     "read_token": "layercache.management",
     "read_logs": "layercache.trafficlog",
     "record_images": "layercache.offline",
+    "refresh_cache": "layercache.refresh",
     "rollback": "layercache.swap",
     "swap_version": "layercache.swap",
     "wrap_for_recording": "layercache.archive",

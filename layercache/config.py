@@ -87,7 +87,9 @@ class HandlerConfig:
             not use them: off by default).
         candidates: fx node names whose pooled activations are logged; ``None`` finds them automatically.
         segment_mb: rotate a worker's Arrow segment at this size.
-        max_log_gb: cap on the whole log dir; rows beyond it are dropped and counted (``None``: no cap).
+        max_log_gb: cap on the whole log dir, counted on disk: at the cap the parts with the oldest rows are
+            deleted (counted as evicted) so the log follows recent traffic; rows are dropped (and counted) only
+            when nothing older is left to delete (``None``: no cap).
         input_shape: expected per-request input shape after preprocess; rows of another shape get HTTP 400.
         explain_steps: integrated-gradient steps for ``/explanations``.
         max_body_mb: requests with a larger body get HTTP 413 before anything decodes them.
