@@ -60,6 +60,8 @@ class BuildRequest:
         policy_source: the cached workers' ``layercache.policy_source``.
         max_rows: use the newest this many logged rows (None: all). The build's memory follows the rows it uses,
             so the default keeps it flat however long the log grows.
+        since: only rows logged at or after this time (timezone-aware).
+        sample_seed: draw the ``max_rows`` rows at random with this seed instead of taking the newest.
         strict: refuse a log file that cannot be read instead of skipping it (a warning names it and its rows).
         force: overwrite ``output``.
     """
@@ -74,6 +76,8 @@ class BuildRequest:
     measure_policy: bool = False
     policy_source: str = "auto"
     max_rows: int | None = 20_000
+    since: datetime | None = None
+    sample_seed: int | None = None
     strict: bool = False
     force: bool = False
 
@@ -82,6 +86,10 @@ class BuildRequest:
             raise ConfigError(f"policy_source={self.policy_source!r} is not one of {POLICY_SOURCES}")
         if self.max_rows is not None and self.max_rows < 1:
             raise ConfigError(f"max_rows={self.max_rows} must be >= 1")
+        if self.since is not None and self.since.tzinfo is None:
+            raise ConfigError(f"since={self.since.isoformat()} has no timezone; add one, e.g. 2026-12-01T00:00Z")
+        if self.sample_seed is not None and self.max_rows is None:
+            raise ConfigError("sample_seed draws max_rows rows at random: give max_rows too")
         if Path(self.output).exists() and not self.force:
             raise ArchiveError(f"{self.output} exists. Hint: pass --force to overwrite it")
 
@@ -107,7 +115,7 @@ def build_cached_archive(request: BuildRequest, *, progress: Progress = no_progr
         ArchiveError: the archive is not a usable eager classifier archive, or ``output`` exists.
     """
     t0 = time.perf_counter()
-    table = _read(request.logs, request.max_rows, request.strict)
+    table = _read(request)
     info = read_mar(request.mar)
     with tempfile.TemporaryDirectory(prefix="layercache-build-") as tmp:
         loaded = open_mar(request.mar, Path(tmp) / "mar")
@@ -186,12 +194,19 @@ def provenance(table: Any, logs: Path, report: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def _read(logs: Path, max_rows: int | None, strict: bool = False) -> Any:
+def _read(request: BuildRequest) -> Any:
+    logs = request.logs
     compacted = compact(logs) if Path(logs).is_dir() else []
     if compacted:
         logger.info("compacted %d finished log segments to Parquet", len(compacted))
     # read_logs reads only the chosen rows' columns: a log larger than memory still builds with max_rows.
-    return read_logs(logs, max_rows=max_rows, strict=strict)
+    return read_logs(
+        logs,
+        max_rows=request.max_rows,
+        since=request.since,
+        sample_seed=request.sample_seed,
+        strict=request.strict,
+    )
 
 
 @dataclass(frozen=True)

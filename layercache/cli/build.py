@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from statistics import NormalDist
 
@@ -38,6 +39,14 @@ EPILOG = """examples:
   python tools/build_cache.py --check --mar model-store/fashion_cached.mar --logs logs/fashion   # 0 fresh, 3 stale
   python tools/build_cache.py --mar tf_port.mar --logs logs/t --leaf-modules SamePadConv2d -o t_cached.mar
 """
+
+
+def _utc_time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO time such as 2026-12-01T08:00Z") from exc
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="build from the newest N logged requests: the build's memory follows N, not the log (default: 20000)",
     )
     p.add_argument(
+        "--since",
+        type=_utc_time,
+        default=None,
+        help="only requests logged at or after this ISO time, e.g. 2026-12-01 or 2026-12-01T08:00+01:00 (UTC when "
+        "no zone is given; default: no limit)",
+    )
+    p.add_argument(
+        "--sample-seed",
+        type=int,
+        default=None,
+        help="draw the --max-rows requests at random with this seed instead of taking the newest (default: newest)",
+    )
+    p.add_argument(
         "--strict",
         action="store_true",
         help="refuse a log file that cannot be read (default: skip it, with a warning naming it and its rows)",
@@ -219,6 +241,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> t
             measure_policy=ns.policy,
             policy_source=ns.policy_source,
             max_rows=ns.max_rows,
+            since=ns.since,
+            sample_seed=ns.sample_seed,
             strict=ns.strict,
             force=ns.force,
         )

@@ -442,3 +442,17 @@ def test_build_strict_refuses_an_unreadable_log_part_naming_it(
     assert tool("tools/build_cache.py")(argv) == 1
     assert str(part) in capsys.readouterr().err
     assert not (tmp_path / "c.mar").exists()
+
+
+def test_build_since_and_sample_seed_choose_the_rows(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    """--since / --sample-seed reach read_logs (issue #10 asked for them on the command line): a time after every
+    logged row leaves none to build from, and a zone-less time reads as UTC."""
+    from layercache.cli import build
+
+    base = ["--mar", str(pipeline["rec"]), "--logs", str(pipeline["logs"]), "-o", str(tmp_path / "c.mar")]
+    args, _ = build.parse_args(build.build_parser(), [*base, "--since", "2026-12-01T08:00", "--sample-seed", "3"])
+    assert args.request.since.isoformat() == "2026-12-01T08:00:00+00:00" and args.request.sample_seed == 3
+    assert tool("tools/build_cache.py")([*base, "--since", "2999-01-01T00:00Z", "--quiet"]) == 1
+    assert not (tmp_path / "c.mar").exists()
+    with pytest.raises(SystemExit):
+        tool("tools/build_cache.py")([*base, "--since", "yesterday"])
