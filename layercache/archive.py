@@ -239,15 +239,30 @@ def package(
 
 
 def wrap_for_recording(
-    mar: Path, output: Path, *, handler_config: HandlerConfig | None = None, force: bool = False
+    mar: Path,
+    output: Path,
+    *,
+    handler_config: HandlerConfig | None = None,
+    force: bool = False,
+    sample: bytes | None = None,
 ) -> Path:
-    """Repackage a plain classifier ``.mar`` with the recording handler (answers unchanged, traffic logged)."""
+    """Repackage a plain classifier ``.mar`` with the recording handler (answers unchanged, traffic logged).
+
+    ``sample`` (one request body) test-runs the original handler first (:func:`layercache.offline.try_sample`),
+    so an archive layercache cannot serve is refused here rather than at its first request.
+    """
     info = read_mar(mar)
     if info.mode is not None:
         raise ArchiveError(
             f"{mar} is already a layercache archive (mode {info.mode}). Hint: wrap the original classifier .mar"
         )
     cfg = handler_config or HandlerConfig()
+    if sample is not None:
+        from layercache.offline import try_sample
+
+        run = try_sample(mar, sample, output_key=cfg.output_key, output_kind=cfg.output_kind)
+        logger.info("sample: input %s per request, %d classes as %s%s", list(run.input_shape), run.num_classes,
+                    run.output.kind, "" if run.output.key is None else f" at {run.output.key!r}")  # fmt: skip
     cfg = dataclasses.replace(cfg, inner_handler=info.handler, mode="record")
     with tempfile.TemporaryDirectory(prefix="layercache-src-") as tmp:
         extract_mar(mar, Path(tmp))
@@ -385,4 +400,34 @@ def archive_classifier(
             )
         )
         shutil.move(str(export / f"{model_name}.mar"), output)
+    return output
+
+
+def with_handler_config(mar: Path, output: Path, *, version: str | None = None, force: bool = False,
+                        **changes: Any) -> Path:  # fmt: skip
+    """A copy of a layercache archive with other ``layercache:`` settings (and version), nothing rebuilt: e.g. a
+    cached archive with another ``verify_fraction`` or ``guard``, or a recording one with another ``log_dir``.
+
+    Raises:
+        ArchiveError: ``mar`` is not a layercache archive, or ``output`` exists without ``force``.
+        ConfigError: a setting is unknown or out of range.
+    """
+    info = read_mar(mar)
+    if info.mode is None or not info.config_file:
+        raise ArchiveError(f"{mar} is not a layercache archive. Hint: wrap it first with archiver/wrap_mar.py")
+    output = Path(output)
+    if output.exists() and not force:
+        raise ArchiveError(f"{output} exists. Hint: pass --force to overwrite it")
+    config = dataclasses.replace(HandlerConfig.from_yaml_config(info.yaml_config), **changes)
+    yaml_config = {**info.yaml_config, YAML_SECTION: config.to_yaml_dict()}
+    with zipfile.ZipFile(mar) as src, zipfile.ZipFile(output, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == info.config_file:
+                data = yaml.safe_dump(yaml_config, sort_keys=False).encode("utf-8")
+            elif item.filename == MANIFEST and version is not None:
+                manifest = json.loads(data)
+                manifest["model"]["modelVersion"] = version
+                data = json.dumps(manifest, indent=2).encode("utf-8")
+            dst.writestr(item, data)
     return output

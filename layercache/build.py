@@ -28,7 +28,7 @@ from layercache.calibration import budget_thresholds, confidences, fit_temperatu
 from layercache.certify import Certificate, clopper_pearson_upper, fixed_sequence, requests_needed
 from layercache.config import CacheSpec, ExitSpec
 from layercache.errors import ConfigError, LogError
-from layercache.graph import Candidate, describe_nodes, find_candidates, split
+from layercache.graph import Candidate, describe_nodes, find_candidates, leaf_modules_for, split
 from layercache.heads import HeadSpec, build_head, head_flops, search_space
 from layercache.outputs import OutputSpec
 from layercache.replay import ActivationStore, LoggedInputs, replay
@@ -86,6 +86,9 @@ class BuildConfig:
         max_head_flops: nor heads above this many FLOPs per sample (bounds training time on a CPU).
         workers: candidate layers whose heads train at the same time (threads, each with ``train.num_threads``
             torch threads); the result does not depend on it.
+        leaf_modules: module class names torch.fx must not trace into (``"SamePadConv2d"`` or
+            ``"module.path:ClassName"``), besides those found automatically where tracing fails; the spec stores
+            both (``CacheSpec.leaf_modules``).
     """
 
     tolerance: float = 0.01
@@ -106,6 +109,7 @@ class BuildConfig:
     max_head_fraction: float = 0.02
     max_head_flops: int = 1_000_000
     workers: int = 2
+    leaf_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 < self.tolerance < 1:
@@ -223,16 +227,21 @@ def affordable_space(cand: Candidate, num_classes: int, config: BuildConfig) -> 
     """The search space at ``cand`` without heads too costly for the FLOPs they could save (or to train)."""
     cap = min(config.max_head_fraction * cand.flops_remaining, config.max_head_flops)
     space = search_space(cand.shape, num_classes, config.max_spatial)
-    kept = [s for s in space if head_flops(s, cand.shape, num_classes) <= cap]
+    kept = [s for s in space if head_flops(s, cand.shape, num_classes) <= cap]  # closed form: no head is built
     return kept or space[:1]
 
 
 @torch.inference_mode()
 def measure_latency(
-    backbone: nn.Module, nodes: Sequence[str], heads: dict[str, nn.Module], example: torch.Tensor, batch: int
+    backbone: nn.Module,
+    nodes: Sequence[str],
+    heads: dict[str, nn.Module],
+    example: torch.Tensor,
+    batch: int,
+    leaf_modules: Sequence[str] = (),
 ) -> tuple[dict[str, float], dict[str, float], float]:
     """Seconds per sample, at ``batch``, of the backbone after each node (C2) and of each head (C1)."""
-    segments = split(backbone, list(nodes))
+    segments = split(backbone, list(nodes), leaf_modules=leaf_modules)
     x = example.expand(batch, *example.shape[1:]).contiguous()
     seg_times = []
     inputs = []
@@ -392,6 +401,7 @@ class SearchState:
     backbone_bytes: int
     seconds: float
     output: OutputSpec = field(default_factory=OutputSpec)
+    leaf_modules: tuple[str, ...] = ()
 
     @property
     def kept(self) -> list[CandidateResult]:
@@ -424,14 +434,18 @@ def search(
         raise LogError(f"only {n} logged requests; a build needs at least 50 (thousands for a useful cache)")
     inputs = LoggedInputs(table, preprocess)
     example = inputs.batch(np.arange(1))
+    leaves = leaf_modules_for(backbone, config.leaf_modules)
+    if leaves:
+        logger.info("leaf modules (torch.fx does not trace into them, no cut inside): %s", ", ".join(leaves))
     if config.nodes:
-        cands = describe_nodes(backbone, example, list(config.nodes))
+        cands = describe_nodes(backbone, example, list(config.nodes), leaf_modules=leaves)
     else:
         cands = find_candidates(
             backbone,
             example,
             min_remaining_fraction=config.min_remaining_fraction,
             max_candidates=config.max_candidates,
+            leaf_modules=leaves,
         )
     nodes = [c.node for c in cands]
     logger.info("candidate layers: %s", ", ".join(nodes) or "(none)")
@@ -445,6 +459,7 @@ def search(
         batch_size=config.replay_batch,
         progress=progress,
         store=store,
+        leaf_modules=leaves,
     )
     targets = output.probs(logits)
     backbone_pred = logits.argmax(dim=1)
@@ -479,7 +494,7 @@ def search(
     latency = None
     if config.cost == "latency" and kept:
         rest_t, head_t, _ = measure_latency(
-            backbone, nodes, {r.candidate.node: r.head for r in kept}, example, config.latency_batch
+            backbone, nodes, {r.candidate.node: r.head for r in kept}, example, config.latency_batch, leaves
         )
         latency = (rest_t, head_t)
     return SearchState(
@@ -498,6 +513,7 @@ def search(
         backbone_bytes=sum(t.numel() * t.element_size() for t in backbone.state_dict().values()),
         seconds=time.perf_counter() - t_start,
         output=output,
+        leaf_modules=leaves,
     )
 
 
@@ -737,10 +753,12 @@ def finalize(
         tolerance=config.tolerance,
         output=state.output.to_dict(),
         certificate=certificate.to_dict(),
+        leaf_modules=state.leaf_modules,
     )
     report = _report(config, state, kept, selection)
     report["promise"] = certificate.to_dict()
     report["build_seconds"] = round(state.seconds, 1)
+    report["leaf_modules"] = list(state.leaf_modules)
     return BuildResult(
         spec=spec,
         heads=[r.head for r in chosen],

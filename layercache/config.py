@@ -103,6 +103,8 @@ class HandlerConfig:
             tracing fails inside them).
         log_dir_mode, log_file_mode: permissions of the log dir and of the files in it (octal strings): only the
             worker's user can read the recorded requests by default.
+        cuda_graphs: cached workers on a GPU: capture each segment and head as CUDA graphs per batch-size bucket
+            at startup and let the policy pick ``graphs`` mode where it is faster (no effect on a CPU).
         policy_source: where a cached worker gets its per-batch-size policy (shrink / no-shrink / backbone only
             per batch size; called ``policy`` before 0.2, which is still read):
             ``startup`` times the three on the device the worker runs on, on logged inputs shipped in the archive,
@@ -134,6 +136,7 @@ class HandlerConfig:
     leaf_modules: tuple[str, ...] = ()
     log_dir_mode: str = "700"
     log_file_mode: str = "600"
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in HANDLER_MODES:
@@ -237,10 +240,14 @@ class CacheSpec:
     #: What the build used: logged rows, their time range, log dir, build time (for ``build_cache.py --check``).
     provenance: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Module classes the build traced as leaves (given and found automatically, ``layercache.graph.trace``): the
+    #: served model is split with the same ones, so its cut points and node names are the build's.
+    leaf_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
         object.__setattr__(self, "candidates", tuple(self.candidates))
+        object.__setattr__(self, "leaf_modules", tuple(str(m) for m in self.leaf_modules or ()))
         exits = tuple(
             e if isinstance(e, ExitSpec) else from_mapping(ExitSpec, e, where="cache exit") for e in self.exits
         )

@@ -29,11 +29,21 @@ from torch import nn
 
 from layercache.archive import MarInfo, extract_mar
 from layercache.errors import ArchiveError, LayercacheError
+from layercache.outputs import OutputSpec
 from layercache.progress import Progress, no_progress
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoadedMar", "RecordResult", "find_images", "open_mar", "record_images", "run_offline"]
+__all__ = [
+    "LoadedMar",
+    "RecordResult",
+    "SampleRun",
+    "find_images",
+    "open_mar",
+    "record_images",
+    "run_offline",
+    "try_sample",
+]
 
 
 @dataclass(frozen=True)
@@ -125,6 +135,58 @@ def run_offline(loaded: LoadedMar, rows: list[dict[str, Any]]) -> tuple[list[Any
     logger.debug("offline batch of %d in %.1f ms", len(rows), (time.perf_counter() - t0) * 1e3)
     codes = [loaded.context.get_response_status(i)[0] or 200 for i in range(len(rows))]
     return answers, codes
+
+
+@dataclass(frozen=True)
+class SampleRun:
+    """What one request body did in an archive's original handler (:func:`try_sample`).
+
+    Attributes:
+        input_shape: the per-request input shape ``preprocess`` gave (without the batch dimension).
+        output: where the class scores are in the backbone's output and what they are.
+        num_classes: how many classes the backbone scores.
+    """
+
+    input_shape: tuple[int, ...]
+    output: OutputSpec
+    num_classes: int
+
+
+def try_sample(
+    mar: Path, body: bytes, *, output_key: str | int | None = None, output_kind: str | None = None
+) -> SampleRun:
+    """Test-run ``mar``'s original handler on one request body, as layercache will call it.
+
+    layercache calls the original ``preprocess`` once per request and needs one tensor with one row back; it then
+    reads the class scores from the backbone's output. This checks both before an archive is wrapped.
+
+    Raises:
+        ArchiveError: ``preprocess`` fails on the sample or gives something other than one tensor of one row.
+        GraphError: the backbone's output holds no unambiguous class scores (set ``output_key``).
+    """
+    from layercache.outputs import detect
+
+    with tempfile.TemporaryDirectory(prefix="layercache-sample-") as tmp, open_mar(Path(mar), Path(tmp)) as loaded:
+        try:
+            x = loaded.handler.preprocess([{"data": body, "body": body}])
+        except Exception as exc:  # noqa: BLE001 - the user's handler may raise anything
+            raise ArchiveError(
+                f"{mar}'s preprocess failed on the sample ({type(exc).__name__}: {exc}). Hint: pass as --sample a "
+                "request body this model answers (e.g. one of its images)"
+            ) from exc
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != 1:
+            got = f"a tensor of shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ArchiveError(
+                f"{mar}'s preprocess gives {got} for one request; layercache serves handlers whose preprocess "
+                "returns one tensor with one row per request (shape [1, ...]). Hint: make preprocess return "
+                "torch.stack of the per-request tensors, or move the extra inputs into the model's forward"
+            )
+        backbone = loaded.backbone
+        device = next(iter(backbone.parameters()), torch.empty(0)).device
+        with torch.no_grad():
+            out = backbone(x.to(device))
+        spec = detect(out, output_key, output_kind)
+        return SampleRun(input_shape=tuple(x.shape[1:]), output=spec, num_classes=int(spec.scores(out).shape[1]))
 
 
 def find_images(root: Path) -> tuple[list[Path], list[str | None]]:

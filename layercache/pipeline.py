@@ -31,7 +31,7 @@ from layercache.archive import package_cached, read_mar
 from layercache.build import BuildConfig, build_cache, policy_sample
 from layercache.config import POLICY_SOURCES, CacheSpec, HandlerConfig
 from layercache.errors import ArchiveError, ConfigError
-from layercache.graph import Candidate, find_candidates, list_layer_names
+from layercache.graph import Candidate, excluded_layers, find_candidates, leaf_modules_for, list_layer_names
 from layercache.offline import open_mar
 from layercache.progress import Progress, no_progress
 from layercache.replay import LoggedInputs
@@ -194,22 +194,40 @@ def _read(logs: Path, max_rows: int | None) -> Any:
 
 @dataclass(frozen=True)
 class LayerListing:
-    """The candidate layers of an archive's classifier and every layer it can be cut at (fx node names)."""
+    """The candidate layers of an archive's classifier and every layer it can be cut at (fx node names).
+
+    ``excluded``: cuttable layers no head can read (node -> reason, e.g. a channels-last activation);
+    ``leaf_modules``: module classes traced as leaves (given or found automatically where torch.fx fails).
+    """
 
     candidates: list[Candidate]
     cuttable: list[str]
+    excluded: dict[str, str] = field(default_factory=dict)
+    leaf_modules: tuple[str, ...] = ()
 
     def text(self) -> str:
         lines = ["candidate layers (fx node names):"]
         lines += [f"  {c.node}  shape={list(c.shape)}  flops_after={c.flops_remaining}" for c in self.candidates]
         lines.append("all layers with a single live value: " + ", ".join(self.cuttable))
+        if self.excluded:
+            lines.append("layers that cannot carry a head:")
+            lines += [f"  {node}: {why}" for node, why in self.excluded.items()]
+        if self.leaf_modules:
+            lines.append("leaf modules (traced as one node, not cut inside): " + ", ".join(self.leaf_modules))
         return "\n".join(lines) + "\n"
 
 
-def list_layers(mar: Path, logs: Path) -> LayerListing:
+def list_layers(mar: Path, logs: Path, *, leaf_modules: tuple[str, ...] = ()) -> LayerListing:
     """Candidate layers of the archive's classifier for the logged input shape, and every cuttable layer."""
     table = _read(logs, 1)
     with tempfile.TemporaryDirectory(prefix="layercache-layers-") as tmp:
         loaded = open_mar(mar, Path(tmp) / "mar")
         example = LoggedInputs(table, loaded.preprocess).batch([0])
-        return LayerListing(find_candidates(loaded.backbone, example), list_layer_names(loaded.backbone))
+        model = loaded.backbone
+        leaves = leaf_modules_for(model, leaf_modules)
+        return LayerListing(
+            find_candidates(model, example, leaf_modules=leaves),
+            list_layer_names(model, leaf_modules=leaves),
+            excluded_layers(model, example, leaf_modules=leaves),
+            leaves,
+        )

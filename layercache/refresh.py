@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import tempfile
@@ -200,6 +201,8 @@ class RefreshOutcome:
     candidate: Path | None
     version: str | None
     comparison: dict[str, Any]
+    #: The candidate's build report (its exits, FLOPs, promise).
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 def _costs(spec: CacheSpec, backbone: Any, example: Any) -> dict[str, float]:
@@ -251,12 +254,16 @@ def refresh_cache(
     base = read_mar(request.mar).version
     version = request.version or f"{base.split('-r')[0]}-r{stamp}"
     candidate = Path(request.model_store) / f"{request.model}_{version}.mar"
+    config = request.config
+    if not config.leaf_modules and running.leaf_modules:
+        # The running cache's leaves (given by hand or found) keep the candidate's layer names comparable.
+        config = dataclasses.replace(config, leaf_modules=tuple(running.leaf_modules))
     outcome = build_cached_archive(
         BuildRequest(
             mar=request.mar,
             logs=request.logs,
             output=candidate,
-            config=request.config,
+            config=config,
             version=version,
             max_rows=request.max_rows,
             force=True,
@@ -279,9 +286,9 @@ def refresh_cache(
             comparison["candidate"] = _evaluate(candidate, loaded.backbone, x, x[:2])
     better, reason = decide(comparison, request.config.tolerance, request.min_eval_rows)
     if not better:
-        return RefreshOutcome(False, reason, candidate, version, comparison)
+        return RefreshOutcome(False, reason, candidate, version, comparison, outcome.report)
     if request.dry_run or client is None:
-        return RefreshOutcome(False, reason + "; dry run: not swapped", candidate, version, comparison)
+        return RefreshOutcome(False, reason + "; dry run: not swapped", candidate, version, comparison, outcome.report)
     swap_version(
         client,
         SwapRequest(
@@ -292,7 +299,9 @@ def refresh_cache(
             state_file=request.state_file,
         ),
     )
-    return RefreshOutcome(True, reason + f"; swapped in as version {version}", candidate, version, comparison)
+    return RefreshOutcome(
+        True, reason + f"; swapped in as version {version}", candidate, version, comparison, outcome.report
+    )
 
 
 def decide(comparison: dict[str, Any], tolerance: float, min_eval_rows: int) -> tuple[bool, str]:

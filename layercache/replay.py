@@ -171,8 +171,9 @@ def replay(
     progress: Callable[[Iterable[Any], str], Iterable[Any]] = _no_progress,
     output: OutputSpec | None = None,
     store: ActivationStore | None = None,
+    leaf_modules: Sequence[str] = (),
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, OutputSpec]:
-    """Run logged inputs through the backbone split at ``nodes``.
+    """Run logged inputs through the backbone split at ``nodes`` (traced with ``leaf_modules``).
 
     Args:
         store: where the activations go (on disk); when None they are returned in memory.
@@ -184,7 +185,7 @@ def replay(
         scores ``(N, K)`` in float32, and where they are in its output (detected on the first batch unless
         ``output`` is given).
     """
-    segments = split(backbone, list(nodes))
+    segments = split(backbone, list(nodes), leaf_modules=leaf_modules)
     n = inputs.n
     acts: dict[str, torch.Tensor] = {}
     scores_out: torch.Tensor | None = None

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 BACKBONE = "backbone"
 BACKBONE_EXIT = -1
 #: How :meth:`CachedModel.run` runs a batch: Algorithm 1, heads without shrinking, or the backbone alone.
-RUN_MODES = ("shrink", "noshrink", "backbone")
+RUN_MODES = ("shrink", "noshrink", "backbone", "graphs")
 
 
 def validate_policy(policy: Mapping[str, str]) -> dict[str, str]:
@@ -139,6 +139,10 @@ class CachedModel(nn.Module):
         self._policy_steps = sorted((int(k), v) for k, v in self._policy.items())
         # An output of the backbone's form for batches a head answers entirely (set by from_spec / _like).
         self._template: Any = None
+        # Segments and heads as CUDA graphs per batch bucket (enable_graphs); plain tuples, not ModuleLists, so
+        # the state dict does not list the shared weights twice.
+        self._graphed: tuple[tuple[Any, ...], tuple[Any, ...]] | None = None
+        self._warned_graphs = False
 
     @classmethod
     def from_spec(
@@ -149,7 +153,7 @@ class CachedModel(nn.Module):
         ``heads_state`` keys are ``"<exit position>.<parameter name>"`` as written by :func:`heads_state_dict`.
         """
         backbone.eval()
-        segments = split(backbone, list(spec.nodes)) if spec.exits else [backbone]
+        segments = split(backbone, list(spec.nodes), leaf_modules=spec.leaf_modules) if spec.exits else [backbone]
         heads = [build_head(HeadSpec.from_dict(e.head), e.in_shape, spec.num_classes) for e in spec.exits]
         for i, head in enumerate(heads):
             if heads_state is not None:
@@ -200,7 +204,51 @@ class CachedModel(nn.Module):
         heads = kwargs.pop("heads", list(self.heads))
         model = CachedModel(segments, heads, self.nodes, self.temperatures, thresholds, **kwargs).train(self.training)
         model._template = self._template
+        model._graphed = self._graphed
         return model
+
+    def enable_graphs(self, max_batch: int = 128, capture: Any = None) -> CachedModel:
+        """Make ``graphs`` mode available: ``shrink`` with every segment and head replayed from a CUDA graph per
+        batch-size bucket (:class:`~layercache.cudagraphs.BucketedGraph`, captured on first use), so a launch-bound
+        GPU pays for the rows a head answered no kernel launches. ``capture`` replaces the CUDA capture (tests
+        pass :func:`~layercache.cudagraphs.eager_capture`). Returns this model."""
+        from layercache.cudagraphs import BucketedGraph
+
+        self._graphed = (
+            tuple(BucketedGraph(seg, max_batch, capture) for seg in self.segments),
+            tuple(BucketedGraph(head, max_batch, capture) for head in self.heads),
+        )
+        return self
+
+    @torch.inference_mode()
+    def capture_graphs(self, example: torch.Tensor) -> int:
+        """Capture every segment and head at every bucket up to the graphs' ``max_batch`` now, on rows of
+        ``example`` (repeated as needed), so no request pays for a capture. Returns how many graphs exist."""
+        if self._graphed is None:
+            raise ConfigError("capture_graphs needs enable_graphs() first")
+        from layercache.cudagraphs import bucket_for
+
+        segments, heads = self._graphed
+        max_batch = segments[0].max_batch
+        buckets = sorted({bucket_for(n, max_batch) for n in range(1, max_batch + 1)} - {None})
+        for b in buckets:
+            idx = torch.arange(b, device=example.device) % example.shape[0]
+            h = example.index_select(0, idx)
+            for i, seg in enumerate(segments):
+                h = seg(h)
+                if i < len(heads):
+                    heads[i](h)
+        return sum(g.captures for g in (*segments, *heads))
+
+    def disable_graphs(self) -> CachedModel:
+        """Drop the graphs of :meth:`enable_graphs` (``graphs`` mode runs as ``shrink`` again). Returns this model."""
+        self._graphed = None
+        return self
+
+    @property
+    def graphs_enabled(self) -> bool:
+        """Whether ``graphs`` mode replays graphs (:meth:`enable_graphs`); otherwise it runs as ``shrink``."""
+        return self._graphed is not None
 
     def with_thresholds(self, thresholds: Sequence[float]) -> CachedModel:
         """The same segments and heads (shared, not copied) with other thresholds, e.g. ``[1.01] * n`` for heads
@@ -254,7 +302,9 @@ class CachedModel(nn.Module):
 
         Args:
             x: the batch.
-            mode: ``shrink``, ``noshrink`` or ``backbone`` (heads skipped); default :meth:`mode_for`.
+            mode: ``shrink``, ``noshrink``, ``backbone`` (heads skipped) or ``graphs`` (``shrink`` replayed from
+                CUDA graphs, see :meth:`enable_graphs`; plain ``shrink`` when they are not enabled); default
+                :meth:`mode_for`.
             verify: share of cache hits that also run the rest of the backbone (online verification): they are
                 answered by the head all the same, and ``backbone_pred`` says what the backbone would have answered.
                 In ``noshrink`` mode every row runs the backbone, so every hit is verified at no cost.
@@ -268,6 +318,15 @@ class CachedModel(nn.Module):
             raise ConfigError(f"verify={verify} must be a fraction in [0, 1]")
         device = x.device
         no_row = torch.full((batch,), BACKBONE_EXIT, dtype=torch.long, device=device)
+        segments: Sequence[Any] = self.segments
+        heads: Sequence[Any] = self.heads
+        if mode == "graphs":
+            if self._graphed is not None:
+                segments, heads = self._graphed
+            elif not self._warned_graphs:
+                self._warned_graphs = True
+                logger.warning("mode 'graphs' without enable_graphs(): running as 'shrink'")
+            mode = "shrink"
         if mode == "backbone":
             h = x
             for seg in self.segments:
@@ -291,9 +350,9 @@ class CachedModel(nn.Module):
         head_logp: torch.Tensor | None = None  # (batch, K): the answering head's log-probabilities
         sizes: list[int] = []
         h = x
-        for i, head in enumerate(self.heads):
+        for i, head in enumerate(heads):
             sizes.append(int(h.shape[0]))
-            h = self.segments[i](h)
+            h = segments[i](h)
             threshold = self.thresholds[i]
             if threshold == math.inf:
                 continue
@@ -322,7 +381,7 @@ class CachedModel(nn.Module):
             h = h.index_select(0, keep)
         if remaining.shape[0] > 0:
             sizes.append(int(h.shape[0]))
-            for seg in self.segments[len(sizes) - 1 :]:
+            for seg in segments[len(sizes) - 1 :]:
                 h = seg(h)
             template = h
             scores = self.output.scores(h)
@@ -345,14 +404,15 @@ class CachedModel(nn.Module):
 class RecordingModel(nn.Module):
     """The backbone as segments cut at ``nodes``; returns the output and each cut's pooled activation.
 
-    The segments reproduce the backbone exactly (fx split), so recording never changes an answer.
+    The segments reproduce the backbone exactly (fx split), so recording never changes an answer. ``leaf_modules``
+    are the module classes the nodes were found with (``layercache.graph.trace``).
     """
 
-    def __init__(self, backbone: nn.Module, nodes: Sequence[str]) -> None:
+    def __init__(self, backbone: nn.Module, nodes: Sequence[str], leaf_modules: Sequence[str] = ()) -> None:
         super().__init__()
         backbone.eval()
         self.nodes = tuple(nodes)
-        self.segments = nn.ModuleList(split(backbone, list(nodes)) if nodes else [backbone])
+        self.segments = nn.ModuleList(split(backbone, list(nodes), leaf_modules=leaf_modules) if nodes else [backbone])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         acts: dict[str, torch.Tensor] = {}
@@ -397,7 +457,8 @@ def measure_policy(
     seed: int = 0,
     margin: float = 0.05,
 ) -> dict[str, str]:
-    """Time ``shrink``, ``noshrink`` and ``backbone`` on real inputs for each batch size, interleaved, and keep the
+    """Time ``shrink``, ``noshrink``, ``backbone`` (and ``graphs`` once :meth:`CachedModel.enable_graphs` made it
+    available) on real inputs for each batch size, interleaved, and keep the
     fastest (median) per size: on the device it runs on, the model then knows where shrinking or the heads do not
     pay (e.g. a launch-bound GPU) instead of assuming that fewer FLOPs mean less time.
 
@@ -417,14 +478,16 @@ def measure_policy(
         raise ConfigError(f"margin={margin} must be in [0, 1)")
     device = next(model.parameters()).device
     default = "shrink" if model.shrink else "noshrink"
+    # graphs only where they replay: otherwise it is shrink timed twice
+    modes = [m for m in RUN_MODES if m != "graphs" or model.graphs_enabled]
     gen = torch.Generator().manual_seed(seed)
     policy: dict[str, str] = {}
     for b in batch_sizes:
-        times: dict[str, list[float]] = {m: [] for m in RUN_MODES}
+        times: dict[str, list[float]] = {m: [] for m in modes}
         for _ in range(repeats):
             idx = torch.randint(0, inputs.shape[0], (b,), generator=gen)
             xb = inputs[idx].to(device=device, dtype=torch.float32).contiguous()
-            calls = {m: (lambda m=m, xb=xb: model.run(xb, m)) for m in RUN_MODES}
+            calls = {m: (lambda m=m, xb=xb: model.run(xb, m)) for m in modes}
             for m, t in interleaved(calls, rounds=1, warmup=1, device=device).items():
                 times[m].append(t[0])
         medians = {m: sorted(t)[len(t) // 2] for m, t in times.items()}

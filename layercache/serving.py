@@ -519,7 +519,7 @@ class RecordingService:
         """
         device = getattr(inner, "device", torch.device("cpu"))
         nodes = _candidate_nodes(config, backbone, device)
-        model = RecordingModel(backbone, nodes).to(device)
+        model = RecordingModel(backbone, nodes, config.leaf_modules).to(device)
         return cls(ServiceParts.create(config, inner, backbone, identity, nodes), model)
 
     def handle(self, rows: Sequence[Row]) -> Handled:
@@ -569,10 +569,11 @@ def _candidate_nodes(config: HandlerConfig, backbone: nn.Module, device: torch.d
     from layercache.graph import describe_nodes, find_candidates
 
     example = torch.zeros((1, *config.input_shape), device=device)
+    leaves = config.leaf_modules
     try:
         if config.candidates is not None:
-            return [c.node for c in describe_nodes(backbone, example, config.candidates)]
-        return [c.node for c in find_candidates(backbone, example)]
+            return [c.node for c in describe_nodes(backbone, example, config.candidates, leaf_modules=leaves)]
+        return [c.node for c in find_candidates(backbone, example, leaf_modules=leaves)]
     except GraphError as exc:
         logger.warning("recording inputs and outputs only: %s", exc)
         return []
@@ -619,6 +620,7 @@ class CachedService:
             )
         heads_state = torch.load(model_dir / HEADS_FILE, map_location=device, weights_only=True)
         model = CachedModel.from_spec(backbone, spec, heads_state).to(device)
+        model = _graphs(model, config, device, model_dir / SAMPLE_FILE, batch_size, spec.input_shape)
         model, source = _choose_policy(model, config, device, model_dir / SAMPLE_FILE, batch_size)
         parts = ServiceParts.create(
             config, inner, backbone, identity, [], input_shape=spec.input_shape, output=model.output
@@ -695,6 +697,33 @@ def _exit_metrics(exits: Sequence[str], nodes: Sequence[str], sizes: Sequence[in
     out = [Metric(METRIC_EXITS, count, (("Exit", name),)) for name, count in zip(names.tolist(), counts.tolist())]
     out += [Metric(METRIC_ROWS, size, (("Segment", node),)) for node, size in zip([*nodes, BACKBONE], sizes) if size]
     return tuple(out)
+
+
+def _graphs(
+    model: CachedModel,
+    config: HandlerConfig,
+    device: torch.device,
+    sample_path: Path,
+    batch_size: int,
+    input_shape: Sequence[int],
+) -> CachedModel:
+    """On a GPU (``layercache.cuda_graphs``), the model with ``graphs`` mode: every segment and head captured now
+    for each batch bucket up to the worker's batch size, so requests never pay for a capture."""
+    if device.type != "cuda" or not config.cuda_graphs or not model.heads:
+        return model
+    t0 = time.perf_counter()
+    try:
+        if sample_path.is_file():
+            example = torch.load(sample_path, map_location=device, weights_only=True).float()
+        else:
+            example = torch.zeros((1, *input_shape), device=device)
+        model.enable_graphs(max_batch=max(1, int(batch_size or 1)))
+        count = model.capture_graphs(example)
+    except Exception:  # noqa: BLE001 - graphs are an optimisation: the model serves without them
+        logger.exception("capturing CUDA graphs failed; serving without them (set layercache.cuda_graphs: false)")
+        return model.disable_graphs()
+    logger.info("captured %d CUDA graphs on %s in %.1f s", count, device, time.perf_counter() - t0)
+    return model
 
 
 def _choose_policy(

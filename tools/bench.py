@@ -13,8 +13,16 @@ last 3,000 are never seen by the build and are what every table is measured on. 
 * ``recording``: the recording handler vs the original handler in process, per batch (what recording costs).
 * ``serving``: closed-loop load through TorchServe, original vs cached vs recording, several concurrencies.
 * ``tradeoff``: accuracy/FLOPs across tolerances (one search, thresholds and selection per tolerance).
+* ``drift``: blurred, noised unseen images to the static, guarded and refreshed cache through TorchServe.
+* ``soak``: ``--soak-seconds`` of load on the cached archive with recording and verification on, with a swap, a
+  rollback and worker scaling meanwhile: errors, worker memory and fds, log dir size.
 * ``certify``: the certified rule against the per-head rule at tolerances 0.005-0.05 over ``--seeds`` builds that
   resample the held-out rows: FLOPs and agreement on the unseen images, and how often each breaks its promise.
+* ``photos224``: the 224-px workload (:mod:`layercache.testing.workload224`): EfficientNet-Lite0 with ImageNet
+  weights from a registry package on JPEG crops of real photos, through TorchServe: log bytes per request against
+  the bodies, recording overhead, build time and peak RSS, agreement, exits, FLOPs and served throughput.
+* ``buildmem``: build time and peak RSS (a child process) on the workload's log grown to 10k, 50k and 200k rows
+  (:mod:`layercache.testing.biglogs`): the build reads the newest ``--max-rows`` (20,000) whatever the log holds.
 * ``bundle``: ``OUT/device-bundle``, what ``tools/bench_device.py`` needs to measure the model on another device
   (the GPU tables) with no TorchServe and no ``../shared`` there.
 
@@ -52,6 +60,7 @@ from layercache.evaluation import (  # noqa: E402
     exit_flops,
     exit_table,
     from_run,
+    markdown_table,
     model_answers,
     name_to_index,
     pct,
@@ -115,7 +124,10 @@ WORKLOADS = {
 }
 SECTIONS = (
     "trunk", "tables", "latency", "overhead", "policy", "recording", "serving", "tradeoff", "certify", "bundle",
+    "drift", "soak", "photos224", "buildmem",
 )  # fmt: skip
+BUILDMEM_ROWS = (10_000, 50_000, 200_000)
+BUILDMEM_ARGS = ("--trials", "1", "--epochs", "4")  # the memory is the point; fewer trials keep three builds short
 CERTIFY_TOLERANCES = (0.005, 0.01, 0.02, 0.05)
 BATCHES = (1, 8, 16, 32, 64, 128)
 TOLERANCES = (0.0025, 0.005, 0.01, 0.02, 0.05)
@@ -726,6 +738,100 @@ def _md_certify(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _md_drift(res: dict[str, Any]) -> list[str]:
+    d = res.get("drift")
+    if not d:
+        return []
+    arms = [a for a in ("static", "guarded", "refreshed") if any(a in w for w in d["windows"])]
+    header = ["shifted requests", *[f"{a}: disagreement" for a in arms], *[f"{a}: FLOPs" for a in arms]]
+    rows = []
+    for w in d["windows"]:
+        cells = [str(w["requests_so_far"])]
+        cells += [pct(w[a]["disagreement"]) if a in w else "" for a in arms]
+        cells += [f"{w[a]['flops_ratio']:.3f}" if a in w else "" for a in arms]
+        rows.append(cells)
+    check, refresh = d.get("check", {}), d.get("refresh", {})
+    lines = ["### Drift: built on clean traffic, served blurred and noised images", "", *markdown_table(header, rows)]
+    lines += [
+        "",
+        f"After window {len([w for w in d['windows'] if 'refreshed' not in w])}: `--check` said "
+        f"{'stale' if check.get('stale') else 'fresh'} ({'; '.join(check.get('reasons', [])) or 'no reason'}); "
+        f"refresh: {refresh.get('reason', 'not run')}.",
+        "",
+        "![drift](docs/bench/drift.png)",
+        "",
+    ]
+    return lines
+
+
+def _md_soak(res: dict[str, Any]) -> list[str]:
+    s = res.get("soak")
+    if not s:
+        return []
+    return [
+        f"### Soak: {s['seconds']:.0f} s at 16 clients, recording and verification on",
+        "",
+        *markdown_table(
+            [
+                "requests",
+                "req/s",
+                "errors",
+                "errors outside the scale-down",
+                "worker RSS growth after warm-up",
+                "fd growth",
+                "log dir max / cap",
+            ],
+            [
+                [
+                    s["requests"],
+                    s["rps"],
+                    s["errors"],
+                    s["errors_outside_scale_down"],
+                    f"{100 * s['rss_growth']:.1f}%",
+                    s["fd_growth"],
+                    f"{s['max_log_mb']} MB / {s['log_cap_mb']:.0f} MB",
+                ]
+            ],
+        ),  # fmt: skip
+        "",
+        "Actions under load: " + "; ".join(s["actions"]),
+        "",
+    ]
+
+
+def _md_photos224(res: dict[str, Any]) -> list[str]:
+    from layercache.testing.workload224 import markdown as md
+
+    return ["### 224-px workload: EfficientNet-Lite0 on real photos, through TorchServe", "", *md(res["photos224"]),
+            ""] if res.get("photos224") else []  # fmt: skip
+
+
+def _md_buildmem(res: dict[str, Any]) -> list[str]:
+    rows = res.get("buildmem")
+    if not rows:
+        return []
+    return [
+        "### Build time and memory as the log grows (`--max-rows` 20,000, " + " ".join(BUILDMEM_ARGS) + ")",
+        "",
+        *markdown_table(
+            ["logged rows", "rows built from", "build s", "peak RSS MB", "FLOPs ratio"],
+            [
+                [
+                    f"{r['rows']:,}",
+                    f"{r['rows_used'] or 0:,}",
+                    f"{r['seconds']:.0f}",
+                    f"{r['peak_rss_mb']:,.0f}",
+                    f"{r['flops_ratio']:.3f}",
+                ]
+                for r in rows
+            ],
+        ),  # fmt: skip
+        "",
+        f"Command of each build: `{rows[0]['command']}` (paths of a temporary folder).",
+        "",
+    ]
+
+
 def markdown(res: dict[str, Any], command: str) -> str:
     lines = [
         f"Workload: `{res.get('workload', 'resnet18_fmnist')}`  ",
@@ -745,6 +851,10 @@ def markdown(res: dict[str, Any], command: str) -> str:
         _md_serving,
         _md_tradeoff,
         _md_certify,
+        _md_drift,
+        _md_soak,
+        _md_photos224,
+        _md_buildmem,
     ):
         lines += section(res)
     return "\n".join(lines)
@@ -771,6 +881,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seeds", type=int, default=20, help="certify: resampled builds per tolerance and rule (default: 20)"
     )
+    p.add_argument("--photos-traffic", type=int, default=3000, help="photos224: recorded requests (default: 3000)")
+    p.add_argument("--photos-unseen", type=int, default=1000, help="photos224: unseen requests (default: 1000)")
+    p.add_argument(
+        "--soak-seconds", type=float, default=600.0, help="soak: seconds of load on the cached archive (default: 600)"
+    )
     p.add_argument("--quiet", action="store_true", help="warnings only (default: off)")
     return p
 
@@ -791,6 +906,9 @@ class BenchArgs:
     eval: int
     rebuild: bool
     seeds: int
+    soak_seconds: float
+    photos_traffic: int = 3000
+    photos_unseen: int = 1000
 
 
 class Bench:
@@ -888,6 +1006,32 @@ def step_serving(bench: Bench) -> None:
         bench.res["serving"] = served["load"]
 
 
+def step_photos224(bench: Bench) -> None:
+    from layercache.testing.workload224 import Setup224, run_224
+
+    setup = Setup224(out=bench.args.out / "photos224", traffic=bench.args.photos_traffic,
+                     unseen=bench.args.photos_unseen, tolerance=bench.args.tolerance)  # fmt: skip
+    bench.res["photos224"] = run_224(setup, progress)
+
+
+def step_buildmem(bench: Bench) -> None:
+    import shutil
+
+    from layercache.testing.biglogs import build_child, grow_log
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-buildmem-") as tmp:
+        for n in BUILDMEM_ROWS:
+            logs = Path(tmp) / f"logs-{n}"
+            grow_log(bench.paths["logs"], logs, n)
+            run = build_child(bench.paths["rec"], logs, Path(tmp) / "cached.mar", Path(tmp) / f"report-{n}",
+                              bench.args.tolerance, BUILDMEM_ARGS)  # fmt: skip
+            report = json.loads((Path(tmp) / f"report-{n}" / "report.json").read_text())
+            rows.append({"rows": n, **run, "rows_used": report["rows"]["total"], "flops_ratio": report["flops_ratio"]})
+            shutil.rmtree(logs)
+    bench.res["buildmem"] = rows
+
+
 def step_tradeoff(bench: Bench) -> None:
     bench.res["tradeoff"] = tradeoff(bench.state(), TOLERANCES)
     plot_tradeoff(bench.res["tradeoff"], bench.args.out / "tradeoff.png", bench.args.workload.name)
@@ -895,6 +1039,77 @@ def step_tradeoff(bench: Bench) -> None:
 
 def step_certify(bench: Bench) -> None:
     bench.res["certify"] = certify(bench.state(), bench.models(), CERTIFY_TOLERANCES, bench.args.seeds)
+
+
+def step_drift(bench: Bench) -> None:
+    """Blurred and noised unseen images to the static, guarded and refreshed cache (layercache.testing.drift)."""
+    from layercache.testing.drift import DriftSetup, corrupt, plot, run_drift
+
+    blobs, _ = eval_images(bench.paths["eval"])
+    shifted = [corrupt(b, seed=i) for i, b in enumerate(blobs)]
+    models = bench.models()
+    with tempfile.TemporaryDirectory(prefix="bench-drift-") as tmp:
+        x = open_mar(bench.paths["mar"], Path(tmp) / "mar").preprocess([{"data": b} for b in shifted])
+        with torch.inference_mode():
+            reference = torch.cat([models.backbone(x[i : i + 256]) for i in range(0, len(x), 256)]).argmax(1).numpy()
+        setup = DriftSetup(
+            cached_mar=bench.paths["cached"],
+            report=bench.report,
+            logs=bench.paths["logs"],
+            bodies=shifted,
+            reference=reference,
+            index_to_name=json.loads((EXAMPLE / "index_to_name.json").read_text()),
+            workdir=Path(tmp),
+        )
+        result = run_drift(setup)
+    bench.res["drift"] = {"windows": result.windows, "check": result.check, "refresh": result.refresh,
+                          "guard": result.guard}  # fmt: skip
+    plot(result, bench.args.out / "drift.png", float(bench.report["tolerance"]))
+
+
+def step_soak(bench: Bench) -> None:
+    """The cached archive with recording and verification on, under load for --soak-seconds, swapped, rolled back
+    and scaled meanwhile (layercache.testing.soak)."""
+    import shutil
+
+    from layercache.archive import with_handler_config
+    from layercache.testing.soak import soak
+    from layercache.testing.torchserve import TorchServeProcess
+
+    seconds = bench.args.soak_seconds
+    blobs, _ = eval_images(bench.paths["eval"])
+    names = name_to_index(json.loads((EXAMPLE / "index_to_name.json").read_text()))
+    with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
+        store, logs = Path(tmp) / "store", Path(tmp) / "logs"
+        store.mkdir()
+        shutil.copytree(bench.paths["logs"], logs)
+        cap_gb = 0.05
+        for version in ("soak", "soak-b"):
+            with_handler_config(bench.paths["cached"], store / f"{version}.mar", version=version, log_dir=str(logs),
+                                verify_fraction=0.02, max_log_gb=cap_gb)  # fmt: skip
+        with TorchServeProcess(store, workdir=Path(tmp) / "ts", env={"OMP_NUM_THREADS": "1"}) as server:
+            client = server.client(timeout_s=300)
+            for version in ("soak", "soak-b"):
+                client.register(f"{version}.mar", "m", initial_workers=1, batch_size=8, max_batch_delay_ms=20)
+                client.wait_ready("m", version, timeout_s=120)
+            client.set_default("m", "soak")
+            actions = [
+                (seconds * 0.3, "scale soak to 2 workers", lambda: client.scale("m", "soak", 2)),
+                (seconds * 0.5, "swap to soak-b", lambda: client.set_default("m", "soak-b")),
+                (seconds * 0.6, "roll back to soak", lambda: client.set_default("m", "soak")),
+                (seconds * 0.8, "scale soak to 1 worker", lambda: client.scale("m", "soak", 1)),
+            ]
+            result = soak(
+                f"{server.inference_url}/predictions/m", blobs, names, seconds=seconds, concurrency=16,
+                pids=lambda: server.worker_pids("m", "all"), log_dir=logs, warmup_s=min(60.0, seconds / 5),
+                actions=actions, token=server.inference_token,
+            )  # fmt: skip
+    (down,) = [t for t, name in result.actions if name.startswith("scale soak to 1")]
+    bench.res["soak"] = {
+        **result.summary(),
+        "log_cap_mb": cap_gb * 1024,
+        "errors_outside_scale_down": result.errors - result.errors_between(down - 2, down + 32),
+    }
 
 
 #: Section -> its step, in the order they run (trunk and serving share one TorchServe).
@@ -909,6 +1124,10 @@ STEPS = {
     "serving": step_serving,
     "tradeoff": step_tradeoff,
     "certify": step_certify,
+    "drift": step_drift,
+    "soak": step_soak,
+    "photos224": step_photos224,
+    "buildmem": step_buildmem,
 }
 
 
@@ -934,10 +1153,10 @@ def run_bench(args: BenchArgs, command: str) -> str:
     return md
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[BenchArgs, bool]:
+    """The command line as :class:`BenchArgs` (and ``--quiet``); usage errors exit 2 with the message."""
     parser = build_parser()
     ns = parser.parse_args(argv)
-    setup_logging(ns.quiet)
     sections = tuple(s for s in ns.sections.split(",") if s)
     bad = sorted(set(sections) - set(SECTIONS))
     if bad:
@@ -955,7 +1174,16 @@ def main(argv: list[str] | None = None) -> int:
         eval=ns.eval,
         rebuild=ns.rebuild,
         seeds=ns.seeds,
+        soak_seconds=ns.soak_seconds,
+        photos_traffic=ns.photos_traffic,
+        photos_unseen=ns.photos_unseen,
     )
+    return args, ns.quiet
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, quiet = parse_args(argv)
+    setup_logging(quiet)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
     command = ("python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()

@@ -6,7 +6,8 @@ only, so it runs on a machine that has neither TorchServe nor ``../shared`` (e.g
 python has its own torch). On the device it measures, original and cached side by side, interleaved:
 
 * answers: agreement of the cached model with the backbone on the unseen inputs, exits taken;
-* latency per batch at batch 1..128 for each cached mode (shrink, noshrink, heads skipped, heads that never fire)
+* latency per batch at batch 1..128 for each cached mode (shrink, noshrink, heads skipped, heads that never fire,
+  and on a GPU ``graphs``: shrink with every segment and head replayed from a CUDA graph per batch bucket)
   and for the per-batch-size policy the cached worker would measure at startup (``layercache.policy``);
 * the policy itself.
 
@@ -20,6 +21,7 @@ import json
 import logging
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -86,6 +88,10 @@ def run(args: DeviceArgs) -> dict[str, Any]:
         "answers": answers(backbone, cached, x, labels),
     }
     logger.info("answers on %s: %s", device, res["answers"])
+    if device.type == "cuda":  # graphs mode: every segment and head replayed from a CUDA graph per batch bucket
+        t0 = time.perf_counter()
+        res["graphs_captured"] = cached.enable_graphs(max_batch=max(args.batches)).capture_graphs(x[:256])
+        res["graphs_capture_s"] = round(time.perf_counter() - t0, 2)
     with torch.inference_mode():
         policy = measure_policy(cached, x, batch_sizes=args.batches, repeats=args.policy_repeats)
     res["policy"] = policy
@@ -98,6 +104,8 @@ def run(args: DeviceArgs) -> dict[str, Any]:
         "heads never fire": lambda xb: never.run(xb, "shrink"),
         "policy": lambda xb: with_policy.run(xb, None),
     }
+    if cached.graphs_enabled:
+        variants["graphs"] = lambda xb: cached.run(xb, "graphs")
     res["latency"] = {}
     with torch.inference_mode():
         for name, fn in variants.items():
@@ -127,6 +135,8 @@ def markdown(res: dict[str, Any], command: str) -> str:
         orig = statistics.median(rows[i]["original_ms"] for rows in res["latency"].values())
         cells = " | ".join(f"{rows[i]['ratio']:.3f}" for rows in res["latency"].values())
         lines.append(f"| {b} | {orig:.2f} | {cells} |")
+    if "graphs_captured" in res:
+        lines += ["", f"CUDA graphs: {res['graphs_captured']} captured in {res['graphs_capture_s']} s before timing."]
     lines += ["", "Policy measured on this device: " + ", ".join(f"{k}: {v}" for k, v in res["policy"].items()), ""]
     return "\n".join(lines)
 

@@ -36,6 +36,7 @@ EPILOG = """examples:
   python tools/build_cache.py --mar model.mar --logs logs/m --cost latency --version 2.0 -o m_cached.mar --report r/
   python tools/build_cache.py --mar model.mar --logs logs/m --list-layers
   python tools/build_cache.py --check --mar model-store/fashion_cached.mar --logs logs/fashion   # 0 fresh, 3 stale
+  python tools/build_cache.py --mar tf_port.mar --logs logs/t --leaf-modules SamePadConv2d -o t_cached.mar
 """
 
 
@@ -125,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --check: share of logged requests newer than the build that makes it stale "
         f"(default: {NEW_FRACTION})",
     )
+    p.add_argument(
+        "--leaf-modules",
+        default=None,
+        help="comma-separated module class names torch.fx must not trace into, e.g. SamePadConv2d or "
+        "my_model.blocks:SamePadConv2d (default: only those found automatically where tracing fails)",
+    )
     p.add_argument("--trials", type=int, default=4, help="head architectures tried per layer (default: 4)")
     p.add_argument("--epochs", type=int, default=20, help="max training epochs per head, early stopped (default: 20)")
     p.add_argument(
@@ -156,6 +163,11 @@ class BuildArgs:
     logs: Path
     check: bool = False
     new_fraction: float = NEW_FRACTION
+    leaf_modules: tuple[str, ...] = ()
+
+
+def _leaf_modules(text: str | None) -> tuple[str, ...]:
+    return tuple(name.strip() for name in (text or "").split(",") if name.strip())
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[BuildArgs, argparse.Namespace]:
@@ -177,7 +189,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> t
     if not 0 < ns.delta < 0.5:
         parser.error(f"--delta {ns.delta} must be in (0, 0.5), e.g. 0.05")
     if ns.list_layers:
-        return BuildArgs(None, ns.mar, ns.logs), ns
+        return BuildArgs(None, ns.mar, ns.logs, leaf_modules=_leaf_modules(ns.leaf_modules)), ns
     try:
         config = BuildConfig(
             tolerance=ns.tolerance,
@@ -188,6 +200,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> t
             cost=ns.cost,
             train=TrainConfig(epochs=ns.epochs, patience=3, seed=ns.seed, num_threads=ns.train_threads),
             nodes=tuple(ns.layers.split(",")) if ns.layers else None,
+            leaf_modules=_leaf_modules(ns.leaf_modules),
             **({} if ns.confidence is None else {"margin_z": NormalDist().inv_cdf(ns.confidence)}),
         )
         request = BuildRequest(
@@ -225,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif request is None:
 
         def call() -> None:
-            sys.stdout.write(list_layers(args.mar, args.logs).text())
+            sys.stdout.write(list_layers(args.mar, args.logs, leaf_modules=args.leaf_modules).text())
 
     else:
 

@@ -22,6 +22,7 @@ EPILOG = """examples:
   python archiver/wrap_mar.py model-store/fashion.mar -o model-store/fashion_rec.mar
   python archiver/wrap_mar.py model.mar -o model-store/model_rec.mar --log-dir /var/log/layercache/model \\
       --input-shape 3,32,32 --max-log-gb 5
+  python archiver/wrap_mar.py model.mar -o model-store/model_rec.mar --sample cat.jpg
 """
 
 
@@ -56,7 +57,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated fx node names whose pooled activations are logged (default: automatic)",
     )
-    p.add_argument("--no-activations", action="store_true", help="log inputs and outputs only (default: off)")
+    acts = p.add_mutually_exclusive_group()
+    acts.add_argument(
+        "--activations",
+        action="store_true",
+        help="also log pooled activations of the candidate layers (needs --input-shape; builds replay the "
+        "request bodies and do not need them; default: off)",
+    )
+    acts.add_argument("--no-activations", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--sample",
+        type=Path,
+        default=None,
+        help="a request body (e.g. one image) to test-run the archive's handler with before wrapping: refuses a "
+        "preprocess that does not give one tensor per request, or an output without clear class scores",
+    )
+    p.add_argument(
+        "--leaf-modules",
+        default=None,
+        help="comma-separated module class names torch.fx must not trace into when finding the layers to log, e.g. "
+        "SamePadConv2d (default: only those found automatically where tracing fails)",
+    )
     p.add_argument(
         "--segment-mb", type=float, default=64.0, help="rotate a worker's log segment at this size (default: 64)"
     )
@@ -73,6 +94,7 @@ class WrapArgs:
     mar: Path
     output: Path
     handler_config: HandlerConfig
+    sample: Path | None
     force: bool
     quiet: bool
 
@@ -83,12 +105,14 @@ class WrapArgs:
             output=ns.output,
             handler_config=HandlerConfig(
                 log_dir=str(ns.log_dir.resolve()) if ns.log_dir else None,
-                record_activations=not ns.no_activations,
+                record_activations=ns.activations,
                 candidates=tuple(ns.candidates.split(",")) if ns.candidates else None,
+                leaf_modules=tuple(n.strip() for n in (ns.leaf_modules or "").split(",") if n.strip()),
                 segment_mb=ns.segment_mb,
                 max_log_gb=ns.max_log_gb,
                 input_shape=ns.input_shape,
             ),
+            sample=ns.sample,
             force=ns.force,
             quiet=ns.quiet,
         )
@@ -105,8 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
 
+    if args.sample is not None and not args.sample.is_file():
+        parser.error(f"--sample {args.sample} is not a file; pass one request body, e.g. an image the model answers")
+
     def call() -> None:
-        wrap_for_recording(args.mar, args.output, handler_config=args.handler_config, force=args.force)
+        sample = args.sample.read_bytes() if args.sample is not None else None
+        wrap_for_recording(args.mar, args.output, handler_config=args.handler_config, force=args.force, sample=sample)
         logger.info("recording archive: %s", args.output)
 
     return run_command(call, logger)

@@ -57,8 +57,9 @@ def test_a_minute_of_load_with_swaps_and_scaling(tmp_path: Path) -> None:
     # recording on with a small cap (segments rotate and old parts are evicted during the soak).
     handler = {"verify_fraction": 0.25, "guard": "off", "max_log_gb": CAP_MB / 1024, "segment_mb": 0.05}
     mars = {
-        version: cached_archive(rec, store, backbone, threshold=0.15, fingerprint=fp, version=version,
-                                log_dir=logs, handler=handler)  # fmt: skip
+        version: cached_archive(
+            rec, store, backbone, threshold=0.15, fingerprint=fp, version=version, log_dir=logs, handler=handler
+        )  # fmt: skip
         for version in ("1.0-cached", "1.0-other")
     }
     names = {str(i): i for i in range(10)}

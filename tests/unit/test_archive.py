@@ -21,7 +21,7 @@ from layercache.archive import (
     wrap_for_recording,
 )
 from layercache.config import CACHE_SPEC_FILE, HEADS_FILE, CacheSpec, HandlerConfig
-from layercache.errors import ArchiveError
+from layercache.errors import ArchiveError, ConfigError
 
 SERVING_KEYS = {"batchSize": 4, "maxBatchDelay": 10, "minWorkers": 1}
 
@@ -216,3 +216,20 @@ def test_package_cached_from_the_original_archive(tiny_mar: MarFactory, tmp_path
         "2.0",
     )
     assert _manifest(out)["model"]["modelName"] == "tiny"
+
+
+def test_with_handler_config_changes_only_the_settings_and_the_version(tiny_mar: MarFactory, tmp_path: Path) -> None:
+    from layercache.archive import with_handler_config
+
+    rec = wrap_for_recording(tiny_mar("tiny"), tmp_path / "rec.mar", handler_config=HandlerConfig(log_dir="/a"))
+    out = with_handler_config(rec, tmp_path / "other.mar", version="2.0", log_dir="/b", record_fraction=0.5)
+    before, after = read_mar(rec), read_mar(out)
+    assert after.version == "2.0" and after.mode == "record" and after.names == before.names
+    cfg = HandlerConfig.from_yaml_config(after.yaml_config)
+    assert (cfg.log_dir, cfg.record_fraction, cfg.inner_handler) == ("/b", 0.5, "tiny_handler.py")
+    with pytest.raises(ArchiveError, match="exists"):
+        with_handler_config(rec, out, log_dir="/c")
+    with pytest.raises(ArchiveError, match="not a layercache archive"):
+        with_handler_config(tiny_mar("plain"), tmp_path / "x.mar", log_dir="/c")
+    with pytest.raises(ConfigError, match="record_fraction"):
+        with_handler_config(rec, tmp_path / "y.mar", record_fraction=2.0)

@@ -305,3 +305,23 @@ def test_a_tiny_log_says_how_many_requests_a_cache_needs(caplog: pytest.LogCaptu
     assert "the cache keeps the plain model; a cache at tolerance 0.1 (delta 0.05) needs at least 97 logged" in (
         caplog.text
     )
+
+
+def test_affordable_space_costs_heads_in_closed_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counting the FLOPs of an 8x8 map's search space head by head cost seconds per candidate: no head is built."""
+    from layercache import build, heads
+    from layercache.graph import Candidate
+
+    cand = Candidate(node="n", shape=(64, 32, 32), flops_prefix=0, flops_remaining=40_000_000)
+    config = BuildConfig()
+    cap = min(config.max_head_fraction * cand.flops_remaining, config.max_head_flops)
+    with monkeypatch.context() as m:
+        m.setattr(heads, "build_head", lambda *a, **k: pytest.fail("affordable_space built a head"))
+        kept = build.affordable_space(cand, CLASSES, config)
+    space = search_space(cand.shape, CLASSES, config.max_spatial)
+    assert 1 < len(kept) < len(space)
+    assert kept == [s for s in space if heads.head_flops(s, cand.shape, CLASSES) <= cap]
+    # ... and the closed form is what the flop counter counts on the built heads, at the cap's edge too.
+    edge = [s for s in space if 0.5 * cap < heads.head_flops(s, cand.shape, CLASSES) < 2 * cap]
+    for spec in edge[:: max(1, len(edge) // 10)]:
+        assert heads.head_flops(spec, cand.shape, CLASSES) == heads._counted_flops(spec, cand.shape, CLASSES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import operator
 from collections.abc import Callable
 
@@ -18,7 +19,9 @@ from layercache.graph import (
     check_batch_dim,
     count_flops,
     describe_nodes,
+    excluded_layers,
     find_candidates,
+    leaf_modules_for,
     list_layer_names,
     segment_flops,
     single_live_points,
@@ -257,13 +260,19 @@ class GatedNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def test_untraceable_model_raises_with_leaf_hint(x: torch.Tensor) -> None:
+def test_untraceable_submodule_becomes_a_leaf_automatically(x: torch.Tensor, caplog: pytest.LogCaptureFixture) -> None:
     torch.manual_seed(0)
     model = GatedNet()
-    with pytest.raises(GraphError, match=r"GatedNet.*'gate'.*leaf_modules=\[Gate\]"):
-        trace(model)
-    with pytest.raises(GraphError, match="leaf_modules"):
-        find_candidates(model, x)
+    with caplog.at_level(logging.INFO, logger="layercache.graph"):
+        gm = trace(model)
+    assert gm.meta["layercache_leaf_modules"] == ("Gate",)
+    assert "cannot trace submodule 'gate'" in caplog.text and "treating Gate as a leaf module" in caplog.text
+    assert leaf_modules_for(model) == ("Gate",)
+    assert "gate" in list_layer_names(model)
+    segments = split(model, ["gate"])
+    assert torch.equal(run_chain(segments, x), reference(model, x))
+    # Given the leaves found, a trace needs no retry and names the same nodes.
+    assert list_layer_names(model, leaf_modules=leaf_modules_for(model)) == list_layer_names(model)
 
 
 def test_leaf_modules_make_it_traceable(x: torch.Tensor) -> None:
@@ -275,6 +284,133 @@ def test_leaf_modules_make_it_traceable(x: torch.Tensor) -> None:
     assert torch.equal(run_chain(segments, x), reference(model, x))
     cands = find_candidates(model, x, leaf_modules=[Gate])
     assert cands and all(c.node in names for c in cands)
+
+
+def test_leaf_modules_by_class_name(x: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = GatedNet()
+    assert leaf_modules_for(model, ["Gate"]) == ("Gate",)
+    assert leaf_modules_for(model, [f"{__name__}:Gate"]) == ("Gate",)
+    # A class that traces fine can be a leaf too: its node names change, consistently.
+    assert leaf_modules_for(model, ["Sequential"]) == ("Sequential", "Gate")
+    assert "stem" in list_layer_names(model, leaf_modules=["Sequential"])
+
+
+def test_unknown_leaf_module_name_lists_the_model_classes() -> None:
+    with pytest.raises(GraphError, match=r"'Gat' is not the class of any module of GatedNet.*'Conv2d', 'Gate', "):
+        trace(GatedNet(), leaf_modules=["Gat"])
+    with pytest.raises(GraphError, match="'nowhere:Gate' is not the class"):
+        trace(GatedNet(), leaf_modules=["nowhere:Gate"])
+    with pytest.raises(TypeError, match="sequence of class names"):
+        trace(GatedNet(), leaf_modules="Gate")
+
+
+def test_ambiguous_leaf_module_name_asks_for_the_module_path() -> None:
+    other_gate = type("Gate", (Gate,), {"__module__": "elsewhere.gates"})
+    model = GatedNet()
+    model.body.append(other_gate())
+    with pytest.raises(GraphError, match=r"'Gate' names 2 classes.*'elsewhere\.gates:Gate'"):
+        trace(model, leaf_modules=["Gate"])
+    assert leaf_modules_for(model, ["elsewhere.gates:Gate"])[0] == "elsewhere.gates:Gate"
+
+
+class GatedForward(nn.Module):
+    """Control flow in the model's own forward: no submodule to make a leaf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if x.sum() > 0:
+            x = x * 2
+        return self.head(x.mean((2, 3)))
+
+
+class Wrapper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = GatedForward()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_untraceable_forward_raises_with_hint(x: torch.Tensor) -> None:
+    with pytest.raises(GraphError, match=r"cannot trace GatedForward.*forward itself.*torch\._assert.*leaf_modules"):
+        trace(GatedForward())
+    with pytest.raises(GraphError, match="GatedForward.forward itself"):
+        find_candidates(GatedForward(), x)
+
+
+def test_leaves_that_swallow_the_network_are_an_error() -> None:
+    with pytest.raises(GraphError, match=r"Wrapper traces only with \['GatedForward'\] as leaf modules.*no layer"):
+        trace(Wrapper())
+
+
+class Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean((2, 3)))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.(trace|trace_method|script)` is deprecated")
+def test_torchscript_models_are_refused_with_the_reason(x: torch.Tensor) -> None:
+    scripted = torch.jit.script(Small().eval())
+    message = r"TorchScript models cannot be split into layers \(.*\): archive the eager model with --model-file and a"
+    with pytest.raises(GraphError, match=message):
+        trace(scripted)
+    with pytest.raises(GraphError, match=message):
+        find_candidates(scripted, x)
+    with pytest.raises(GraphError, match=message):
+        trace(torch.jit.trace(Small().eval(), x))
+    # A scripted submodule of an eager model is one opaque node, as a leaf module is.
+    torch.manual_seed(0)
+    eager = Small().eval()
+    eager.body = torch.jit.script(eager.body)
+    assert list_layer_names(eager) == ["body.forward", "mean"]
+    assert torch.equal(run_chain(split(eager, ["body.forward"]), x), reference(eager, x))
+
+
+class AssertBlock(nn.Module):
+    """A residual block with a shape assert (untraceable): a leaf block, whose output is a block end."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[1] == self.conv.in_channels, f"expected {self.conv.in_channels} channels"
+        return self.relu(x + self.conv(x))
+
+
+class AssertNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.blocks = nn.Sequential(*[AssertBlock(16) for _ in range(4)])
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def test_leaf_blocks_end_blocks(x: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = AssertNet()
+    cands = find_candidates(model, x)
+    assert leaf_modules_for(model) == ("AssertBlock",)
+    assert [c.node for c in cands] == ["stem.1", "blocks.0", "blocks.1", "blocks.2"]
+    segments = split(model, [c.node for c in cands])
+    assert torch.equal(run_chain(segments, x), reference(model, x))
+    check_batch_dim(segments, x)
 
 
 class SequenceFirst(nn.Module):
@@ -304,6 +440,68 @@ def test_check_batch_dim_names_the_bad_node(x: torch.Tensor) -> None:
     assert "mix" not in [c.node for c in find_candidates(model, x, min_prefix_fraction=0.0)]
     with pytest.raises(GraphError, match="'mix'.*batch"):
         describe_nodes(model, x, ["mix"])
+
+
+# --- activation layouts --------------------------------------------------------------------------------
+
+
+class Layouts(nn.Module):
+    """NCHW stages around a channels-last stage, windowed tokens, channels-first tokens and a 5-D activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.LayerNorm(8)  # on (B, H, W, C), as Swin's blocks
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.mix = nn.Linear(8, 8)  # on (B, windows, 4, C)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.conv1(x).permute(0, 2, 3, 1))  # (B, H, W, C)
+        x = self.conv2(x.permute(0, 3, 1, 2))
+        windows = self.mix(x.flatten(2).transpose(1, 2).unflatten(1, (-1, 4)))  # (B, HW / 4, 4, C)
+        tokens = windows.flatten(1, 2).transpose(1, 2) * 2.0  # (B, C, HW)
+        five = tokens.unflatten(2, (2, -1)).unsqueeze(2) + 1.0  # (B, C, 1, 2, HW / 2)
+        return self.head(five.mean((2, 3, 4)))
+
+
+def test_layouts_heads_cannot_read_are_excluded_with_the_reason(x: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = Layouts()
+    excluded = excluded_layers(model, x)
+    assert excluded["norm"].startswith("channels-last (H, W, C) activation, per-sample shape [32, 32, 8]")
+    assert excluded["mix"].startswith("neither (C, H, W) nor (H, W, C), per-sample shape [256, 4, 8]: dims [0]")
+    assert excluded["mul"].startswith("channels-first tokens, per-sample shape [8, 1024]")
+    assert excluded["add"].startswith("per-sample shape [8, 1, 2, 512]: heads read (C, H, W) maps")
+    assert excluded["add"].endswith("not 5-D activations")
+    assert set(excluded) <= set(list_layer_names(model))
+    cands = find_candidates(model, x, min_prefix_fraction=0.0, min_remaining_fraction=0.0)
+    assert [(c.node, c.shape) for c in cands] == [("permute_1", (8, 32, 32)), ("transpose", (1024, 8)), ("mean", (8,))]
+    with pytest.raises(GraphError, match=r"'norm' cannot carry a cache head: channels-last.*--list-layers"):
+        describe_nodes(model, x, ["norm"])
+    # Excluded from heads, still a place to cut: splitting there is exact.
+    segments = split(model, ["norm", "mix", "mul"])
+    assert torch.equal(run_chain(segments, x), reference(model, x))
+
+
+def test_swin_activations_are_channels_last_and_not_candidates() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t(num_classes=10)
+    small = torch.randn(1, 3, 32, 32)
+    excluded = excluded_layers(model, small)
+    assert excluded["features.1.0.add_1"].startswith("channels-last (H, W, C) activation, per-sample shape [8, 8, 96]")
+    assert "features.5.5.add_1" in excluded
+    assert find_candidates(model, small) == []
+
+
+def test_models_of_one_input_size_are_not_probed(caplog: pytest.LogCaptureFixture, x: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = ARCHS["vit_tiny"]()
+    with caplog.at_level(logging.INFO, logger="layercache.graph"):
+        cands = find_candidates(model, x)
+    assert "does not run at input size [3, 64, 64]" in caplog.text
+    assert cands and all(len(c.shape) == 2 for c in cands)  # (L, D) tokens, read as tokens
 
 
 # --- torchvision architectures -------------------------------------------------------------------------
@@ -341,3 +539,44 @@ def test_torchvision_architectures_split_exactly(arch: str, x: torch.Tensor) -> 
     got = run_chain(segments, x)
     assert torch.equal(got, expected)  # bitwise: same ops, same order
     check_batch_dim(segments, x)
+
+
+class BatchSizeAtTheTop(nn.Module):
+    """``bs = x.size(0)`` read before the layers and used after them, as the EfficientNet ports' forward does."""
+
+    def __init__(self, read: str) -> None:
+        super().__init__()
+        self.read = read
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.block1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(8, 4, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(4 * 14 * 14, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bs = {"size": lambda: x.size(0), "whole": lambda: x.size()[0], "shape": lambda: x.shape[0]}[self.read]()
+        return self.fc(self.block2(self.block1(self.stem(x))).view(bs, -1))
+
+
+@pytest.mark.parametrize("read", ["size", "whole", "shape"])
+def test_a_batch_size_read_at_the_top_is_read_again_after_each_cut(read: str, x: torch.Tensor) -> None:
+    model = BatchSizeAtTheTop(read).eval()
+    nodes = list_layer_names(model)
+    assert {"stem.1", "block1.1"} <= set(nodes)
+    segments = split(model, ["stem.1", "block1.1"])
+    batch = torch.randn(6, 1, 28, 28)
+    with torch.no_grad():
+        full = model(batch)
+        assert torch.equal(segments[2](segments[1](segments[0](batch))), full)
+        # Rows exit between segments: the later ones see a smaller batch and must not reuse the first one's size.
+        rest = segments[1](segments[0](batch)[2:])[1:]
+        assert torch.equal(segments[2](rest), full[3:])
+
+
+def test_a_spatial_size_read_at_the_top_keeps_the_layers_uncuttable() -> None:
+    class SpatialAtTheTop(BatchSizeAtTheTop):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x.shape[-1]
+            return self.fc(self.block2(self.block1(self.stem(x))).flatten(1)) * (h / 28)
+
+    # The height cannot be read from a later activation (it changes), so it stays live: no cut between the reads.
+    assert not {"stem.1", "block1.1"} & set(list_layer_names(SpatialAtTheTop("size").eval()))

@@ -8,7 +8,7 @@ import re
 import threading
 import zipfile
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -574,6 +574,11 @@ def _rollback_to_1(fake: FakeManagement) -> list[str]:
     return ["--model", "tiny", "--management", fake.url, "--rollback", "--to", "1.0", "--quiet"]
 
 
+def _in_an_hour() -> str:
+    """An expiration time an hour from the real clock: the CLI checks keys against now, not NOW."""
+    return (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S.123456789Z")
+
+
 def _authorizations(fake: FakeManagement) -> set[str | None]:
     return {headers.get("Authorization") for _, _, _, headers in fake.requests}
 
@@ -582,7 +587,8 @@ def test_swap_reads_the_management_key_from_key_file(fake: FakeManagement, tmp_p
     from layercache.cli.swap import main
 
     (tmp_path / "ts").mkdir()
-    key_file = _key_file(tmp_path / "ts" / "key_file.json")  # TorchServe's work dir, not the current one
+    # TorchServe's work dir, not the current one
+    key_file = _key_file(tmp_path / "ts" / "key_file.json", expires=_in_an_hour())
     assert main([*_rollback_to_1(fake), "--key-file", str(key_file)]) == 0
     assert _authorizations(fake) == {"Bearer m-key"}  # the management key, never the inference one
     assert fake.calls()[-1] == ("PUT", "/models/tiny/1.0/set-default")
@@ -593,7 +599,7 @@ def test_swap_reads_the_key_from_the_environment_before_the_default_key_file(
 ) -> None:
     from layercache.cli.swap import main
 
-    _key_file(tmp_path / "key_file.json")  # ./key_file.json: the current directory is tmp_path
+    _key_file(tmp_path / "key_file.json", expires=_in_an_hour())  # ./key_file.json: the current directory is tmp_path
     monkeypatch.setenv(TOKEN_ENV, "env-key")
     assert main(_rollback_to_1(fake)) == 0
     assert _authorizations(fake) == {"Bearer env-key"}
@@ -602,7 +608,7 @@ def test_swap_reads_the_key_from_the_environment_before_the_default_key_file(
 def test_swap_reads_key_file_json_in_the_current_directory_by_default(fake: FakeManagement, tmp_path: Path) -> None:
     from layercache.cli.swap import main
 
-    _key_file(tmp_path / "key_file.json")
+    _key_file(tmp_path / "key_file.json", expires=_in_an_hour())
     assert main(_rollback_to_1(fake)) == 0
     assert _authorizations(fake) == {"Bearer m-key"}
 

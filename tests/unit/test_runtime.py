@@ -365,3 +365,99 @@ def _policy_backbone() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(128, 3)
     ).eval()
+
+
+class _HostSyncs(torch.overrides.TorchFunctionMode):
+    """Counts the calls that make a CUDA host wait for the device (a CUDA-free proxy for syncs on the request
+    path): nonzero, item, bool/int/float of a tensor, tolist, and boolean-mask indexing."""
+
+    NAMES = {"nonzero", "item", "__bool__", "__int__", "__float__", "tolist", "masked_select"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        name = getattr(func, "__name__", str(func))
+        if name in self.NAMES:
+            self.calls.append(name)
+        if (
+            name == "__getitem__"
+            and len(args) > 1
+            and isinstance(args[1], torch.Tensor)
+            and args[1].dtype == torch.bool
+        ):
+            self.calls.append("bool-mask index")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("mode", "syncs"), [("shrink", ["nonzero", "nonzero"]), ("noshrink", [])])
+def test_the_request_path_syncs_once_per_head_when_shrinking_and_never_without(
+    x: torch.Tensor, mode: str, syncs: list[str]
+) -> None:
+    model = cached((0.99, 0.99))
+    with torch.inference_mode(), _HostSyncs() as counter:
+        model.run(x, mode, verify=0.5)
+    assert counter.calls == syncs
+
+
+def test_verified_hits_run_the_backbone_and_keep_the_head_answer(x: torch.Tensor, reference: torch.Tensor) -> None:
+    model = cached((0.9, 0.9))
+    with torch.inference_mode():
+        plain = model.run(x)
+        every = model.run(x, verify=1.0)
+        none = model.run(x, verify=0.0)
+    hits = plain.exit_index >= 0
+    assert hits.any()
+    # Verification never changes an answer or an exit; it adds the backbone's answer for every hit.
+    assert torch.equal(every.logits, plain.logits) and torch.equal(every.exit_index, plain.exit_index)
+    assert torch.equal(every.verified, hits) and not none.verified.any()
+    assert torch.equal(every.backbone_pred, reference.argmax(1))
+    assert torch.equal(none.backbone_pred[~hits], reference.argmax(1)[~hits])
+    assert (none.backbone_pred[hits] == -1).all()
+    assert torch.isnan(every.confidence[~hits]).all() and (every.confidence[hits] >= 0.9).all()
+    # Rows that keep going for verification do not change how many rows the later segments see for the others.
+    assert every.batch_sizes[1] >= plain.batch_sizes[1]
+
+
+class _DictOutput(nn.Module):
+    """The test backbone returning ``{"logits": ..., "features": ...}`` and, optionally, probabilities."""
+
+    def __init__(self, softmax: bool) -> None:
+        super().__init__()
+        self.net = make_backbone()
+        self.softmax = softmax
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = x
+        for layer in list(self.net)[:6]:
+            feats = layer(feats)
+        logits = self.net[6](feats)
+        return {"logits": logits.softmax(1) if self.softmax else logits, "features": feats}
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+def test_head_answers_come_back_in_the_backbones_own_form(x: torch.Tensor, softmax: bool) -> None:
+    from layercache.outputs import detect
+
+    backbone = _DictOutput(softmax).eval()
+    with torch.no_grad():
+        expected = backbone(x)
+    spec = detect(expected)
+    assert (spec.key, spec.kind) == ("logits", "probs" if softmax else "logits")
+    model = CachedModel(
+        split(backbone, ["net.1", "net.3"]), make_heads(), ["net.1", "net.3"], TEMPERATURES, (0.9, 0.9), output=spec
+    )
+    with torch.inference_mode():
+        out = model.run(x)
+    hit = out.exit_index >= 0
+    assert hit.any() and (~hit).any()
+    assert isinstance(out.output, dict) and set(out.output) == {"logits", "features"}
+    # Backbone rows keep everything the backbone returned; head rows get the head's distribution in its kind and
+    # zeros elsewhere.
+    assert torch.equal(out.output["logits"][~hit], expected["logits"][~hit])
+    assert torch.equal(out.output["features"][~hit], expected["features"][~hit])
+    assert (out.output["features"][hit] == 0).all()
+    if softmax:
+        assert torch.allclose(out.output["logits"][hit].sum(1), torch.ones(int(hit.sum())))
+    assert torch.equal(out.logits, out.output["logits"])

@@ -157,3 +157,102 @@ def test_the_guard_in_raise_mode_raises_the_threshold(
     head = json.loads(loaded.handler.describe_handle())["verification"]["heads"][0]
     # An untrained head has no confidence above which it agrees often enough: raising ends in disabling it.
     assert head["state"] in ("raised", "disabled") and head["threshold"] > 0.0
+
+
+DICT_MODEL = '''"""TinyNet answering a dict whose scores are already probabilities, as some real checkpoints do."""
+
+import torch
+from torch import nn
+
+
+class DictNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.block1 = nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        feats = self.block2(self.block1(self.stem(x))).mean(dim=(2, 3))
+        return {"probs": self.fc(feats).softmax(dim=1), "embedding": feats}
+'''
+
+DICT_HANDLER = '''"""Grayscale tensors in; the answer is the bare class index, read from the model's own dict."""
+
+from torchvision import transforms
+from ts.torch_handler.base_handler import BaseHandler
+
+
+class DictHandler(BaseHandler):
+    image_processing = transforms.Compose([transforms.Grayscale(1), transforms.ToTensor()])
+
+    def preprocess(self, data):
+        import io
+
+        import torch
+        from PIL import Image
+
+        return torch.stack([self.image_processing(Image.open(io.BytesIO(row.get("data")))) for row in data])
+
+    def postprocess(self, data):
+        assert set(data) == {"probs", "embedding"} and data["embedding"].shape[1] == 8
+        return data["probs"].argmax(1).tolist()
+'''
+
+
+def test_any_postprocess_gets_the_backbones_own_output_form(tmp_path: Path, make_png: PngFactory) -> None:
+    import torch
+
+    from layercache.archive import archive_classifier
+    from tests.helpers import load_class
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "dict_model.py").write_text(DICT_MODEL)
+    (src / "dict_handler.py").write_text(DICT_HANDLER)
+    torch.manual_seed(0)
+    torch.save(load_class(src / "dict_model.py", "DictNet")().state_dict(), src / "w.pt")
+    plain = archive_classifier(
+        model_name="tiny",
+        version="1.0",
+        model_file=src / "dict_model.py",
+        weights=src / "w.pt",
+        handler=src / "dict_handler.py",
+        output=tmp_path / "d.mar",
+    )
+    cfg = HandlerConfig(input_shape=SHAPE, log_dir=str(tmp_path / "l"), output_key="probs")
+    rec = wrap_for_recording(plain, tmp_path / "d_rec.mar", handler_config=cfg)
+    rows = [{"data": make_png(seed=i)} for i in range(6)]
+    recording = open_mar(rec, tmp_path / "rec", as_served=True)
+    answers, codes = run_offline(recording, rows)
+    assert codes == [200] * 6 and all(isinstance(a, int) for a in answers)
+    recording.close()
+    # The log keeps the answered distribution: the model's probabilities as they are (not softmaxed again).
+    table = read_logs(tmp_path / "l")
+    top = table.column("top_probs").to_pylist()
+    original = open_mar(plain, tmp_path / "orig")
+    with torch.no_grad():
+        probs = original.handler.model(original.handler.preprocess(rows))["probs"]
+    assert [t[0] for t in top] == pytest.approx(probs.max(1).values.tolist(), abs=1e-6)
+    # A cached archive (its head answers every row): the handler still gets a dict of probabilities and embeddings.
+    fp = weights_fingerprint(original.handler.model)
+    mar = cached_archive(rec, tmp_path, None, threshold=0.0, fingerprint=fp)
+    spec_dict = {"key": "probs", "kind": "probs"}
+    import zipfile
+
+    patched = tmp_path / "patched.mar"
+    with zipfile.ZipFile(mar) as z, zipfile.ZipFile(patched, "w") as out:
+        for item in z.infolist():
+            data = z.read(item)
+            if item.filename == "layercache_cache.json":
+                spec = json.loads(data)
+                spec["output"] = spec_dict
+                data = json.dumps(spec).encode()
+            elif item.filename == "layercache_manifest.json":
+                continue
+            out.writestr(item, data)
+    served = open_mar(patched, tmp_path / "cached", as_served=True)
+    answers, codes = run_offline(served, rows)
+    assert codes == [200] * 6 and all(isinstance(a, int) for a in answers)
+    assert [served.context.get_response_headers(i).get(EXIT_HEADER) for i in range(6)] == [EXIT_NODE] * 6

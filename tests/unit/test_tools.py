@@ -60,7 +60,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pat
             "report": tmp / "report",
         }
         assert tool("tools/make_default_model.py")(["-o", str(p["mar"]), "--quiet"]) == 0
-        wrap = [str(p["mar"]), "-o", str(p["rec"]), "--input-shape", "1,28,28", "--quiet"]
+        wrap = [str(p["mar"]), "-o", str(p["rec"]), "--input-shape", "1,28,28", "--activations", "--quiet"]
         assert tool("archiver/wrap_mar.py")(wrap) == 0
         assert (
             tool("tools/record.py")(
@@ -413,3 +413,13 @@ def test_build_cache_delta_sets_the_certified_promise(pipeline: dict[str, Path],
     assert sure["promise"]["upper_bound"] == pytest.approx(
         clopper_pearson_upper(sure["promise"]["disagreements"], n, 0.01)
     )
+
+
+def test_bench_parses_every_field_it_reads(tmp_path: Path) -> None:
+    """--soak-seconds has its flag again (BenchArgs read it without one, so every bench run failed at startup)."""
+    bench = tool_module("tools/bench.py")
+    args, quiet = bench.parse_args(["--out", str(tmp_path), "--soak-seconds", "30", "--sections", "soak"])
+    assert args.soak_seconds == 30.0 and args.sections == ("soak",) and not quiet
+    assert bench.parse_args([])[0].soak_seconds == 600.0
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--sections", "nope"])

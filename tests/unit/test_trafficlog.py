@@ -693,3 +693,18 @@ def test_read_logs_max_rows_fills_a_column_the_chosen_files_lack(tmp_path: Path)
     got = logs.read_logs(tmp_path, columns=["request_id", "act:layer3.1.relu_1"], max_rows=2)
     assert got["request_id"].to_pylist() == ["old-0", "old-1"]
     assert got["act:layer3.1.relu_1"].null_count == 2 and got["act:layer3.1.relu_1"].type == pa.binary()
+
+
+def test_a_grown_log_reads_back_its_newest_rows_as_the_originals(tmp_path: Path) -> None:
+    """The build-memory benchmark's synthetic log (layercache.testing.biglogs): copies are older than the
+    originals, so the build's newest-rows read picks exactly the logged ones."""
+    from layercache.testing.biglogs import grow_log
+
+    schema = logs.make_schema(NODES)
+    _write_segment(tmp_path / "src", "a", [_batch(schema, "a", 5)])
+    assert grow_log(tmp_path / "src", tmp_path / "big", 23, part_rows=10) == 23
+    assert len(list((tmp_path / "big").glob("part-*.parquet"))) == 3
+    big = logs.read_logs(tmp_path / "big")
+    assert big.num_rows == 23 and len(set(big.column("request_id").to_pylist())) == 23
+    newest = logs.read_logs(tmp_path / "big", max_rows=5).column("request_id").to_pylist()
+    assert sorted(newest) == [f"a-{i}" for i in range(5)]
