@@ -203,18 +203,22 @@ def _warm_compiled(compiled: Callable[[torch.Tensor], torch.Tensor], example: to
 
     A batch of one row is always its own graph; batches of 2 or more share graphs with a dynamic batch dim, split
     where a kernel choice depends on the batch size (convolution backends: e.g. 2-15 and 16 or more rows). Which
-    splits there are is only known from the guards, so every bucket size up to ``max_batch`` is run once.
+    splits there are is only known from the guards, so every bucket size up to ``max_batch`` is run once. The
+    inputs are what the ``run`` of :func:`_compiled` passes: contiguous inference tensors, under inference mode (dynamo
+    guards on a tensor's dispatch keys, so a graph compiled for ordinary tensors would not serve them).
     """
     import torch._dynamo
     import torch._inductor.config
 
     # Freezing folds the weights into the graph (inductor's CPU inference path; the int8 kernels need it). Only
     # compilation reads it, so it is set while the warm-up compiles, not on every call (it costs ~50 us to set).
-    with torch._inductor.config.patch(freezing=True), torch.no_grad():
+    with torch._inductor.config.patch(freezing=True), torch.inference_mode():
         for n in warm_sizes(max_batch):
-            x = _rows(example, n)
+            x = _rows(example, n).clone()
             if n >= 2:
-                torch._dynamo.mark_dynamic(x, 0)
+                # maybe_: a module with a graph break may specialise the resumed frame on the size; that frame
+                # then compiles per size (within dynamo's limit) instead of failing the warm-up.
+                torch._dynamo.maybe_mark_dynamic(x, 0)
             compiled(x)
 
 
@@ -233,12 +237,29 @@ def _compiled(
     module: nn.Module, example: torch.Tensor, max_batch: int = MAX_BATCH, engine: str = "inductor"
 ) -> AcceleratedModule:
     compiled = torch.compile(_own_code(module))
+    threads = torch.get_num_threads()
     _warm_compiled(compiled, example, max_batch)
+    warned = False
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        # Contiguous and without grad, as at warm-up: a guard on strides or grad mode would recompile.
-        with torch.no_grad():
-            return compiled(x.contiguous())
+        nonlocal warned
+        if not warned and torch.get_num_threads() != threads:
+            # dynamo guards on the thread count: every graph compiles again, on the request path.
+            warned = True
+            logger.warning(
+                "%s was compiled for %d torch threads and now runs with %d: it compiles again. Hint: set the "
+                "thread count (torch.set_num_threads) before accelerating",
+                engine,
+                threads,
+                torch.get_num_threads(),
+            )
+        with torch.inference_mode():
+            # As at warm-up: a guard on dispatch keys (ordinary vs inference tensor), strides or grad mode would
+            # recompile. Only a caller's own input is copied (outputs of the modules before are inference
+            # tensors already): a few hundred microseconds at most, against milliseconds of convolutions.
+            if not (x.is_inference() and x.is_contiguous()):
+                x = x.clone(memory_format=torch.contiguous_format)
+            return compiled(x)
 
     return AcceleratedModule(run, engine, example.device)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import operator
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -88,12 +89,22 @@ def sample() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def compiled(eager: CachedModel, sample: torch.Tensor) -> CachedModel:
+def one_thread() -> Iterator[None]:
+    # Module-scoped fixtures run outside conftest's per-test one-thread fixture, and dynamo guards on the thread
+    # count: compiled here with another count, every graph would compile again in the tests.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def compiled(eager: CachedModel, sample: torch.Tensor, one_thread: None) -> CachedModel:
     return accelerate(eager, "compile", sample, max_batch=128)
 
 
 @pytest.fixture(scope="module")
-def int8(eager: CachedModel, sample: torch.Tensor) -> CachedModel:
+def int8(eager: CachedModel, sample: torch.Tensor, one_thread: None) -> CachedModel:
     return accelerate(eager, "int8", sample, max_batch=64)
 
 
