@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from layercache.config import ACCELERATIONS
 from layercache.errors import ConfigError, GraphError
 from layercache.graph import add_into_fresh, split
 from layercache.runtime import CachedModel
@@ -60,8 +61,6 @@ __all__ = [
     "export_ready",
 ]
 
-#: What :func:`accelerate` can do to a cached model (``none``: nothing).
-ACCELERATIONS = ("none", "channels_last", "compile", "int8", "onnx")
 #: Kinds that run on the CPU only (x86 int8 kernels, ONNX Runtime's CPU provider).
 CPU_ONLY = ("int8", "onnx")
 #: Rows of the logged sample that calibrate int8 (more cost memory at large inputs and add little).
