@@ -10,8 +10,10 @@ cache is compared with the alternatives a user would otherwise reach for). Kinds
 * ``channels_last``: eager PyTorch on copies with NHWC weights; 4D inputs are made NHWC.
 * ``compile``: ``torch.compile`` (inductor, weights frozen into the compiled code). Shrinking changes the batch
   size from call to call, so each module is compiled before it serves for a dynamic batch dim (batches of 2 and
-  more) and for batch 1 (which torch.compile always specialises): two graphs per module and no recompiles
-  afterwards (:func:`compile_stats` counts them).
+  more, split where a convolution's kernel choice depends on it) and for batch 1 (which torch.compile always
+  specialises), and no recompiles afterwards (:func:`compile_stats` counts them). Dynamo also guards on the
+  thread count and on a tensor's dispatch keys: modules are compiled and served under inference mode on
+  inference tensors, and for the thread count set when :func:`accelerate` runs (a change is logged, once).
 * ``int8``: PT2E post-training quantization with torchao's ``X86InductorQuantizer`` on each exported segment,
   calibrated on logged inputs, then compiled as above. A segment that cannot be quantized stays fp32 (compiled)
   and says so (:attr:`AcceleratedModule.note`, a warning in the log). Heads stay fp32, compiled: their thresholds
