@@ -27,7 +27,9 @@ setup(
         "tqdm",
         "matplotlib",
         "pillow",
+        "scipy",
     ],
+    extras_require={"accel": ["onnxruntime", "onnx", "torchao"]},
     # The commands are library modules (layercache/cli/); tools/*.py run the same ones from a checkout.
     entry_points={
         "console_scripts": [

@@ -34,6 +34,8 @@ EXIT_HEADER = "X-Layercache-Exit"
 HANDLER_MODES = ("record", "cached")
 #: Where a cached worker gets its per-batch-size policy (see :attr:`HandlerConfig.policy_source`).
 POLICY_SOURCES = ("auto", "startup", "stored")
+#: Engines a cached worker can run its segments and heads on (:mod:`layercache.accel`; ``none``: eager PyTorch).
+ACCELERATIONS = ("none", "channels_last", "compile", "int8", "onnx")
 #: What the online guard does to a head whose live disagreement exceeds what it was certified for.
 GUARDS = ("disable", "raise", "off")
 # Keys of the layercache: section that were renamed: old name -> new name (old archives still load).
@@ -245,8 +247,16 @@ class CacheSpec:
     #: Module classes the build traced as leaves (given and found automatically, ``layercache.graph.trace``): the
     #: served model is split with the same ones, so its cut points and node names are the build's.
     leaf_modules: tuple[str, ...] = ()
+    #: The engine cached workers run the segments and heads on (``build_cache.py --acceleration``), applied at
+    #: load on the archive's logged sample; one of :data:`ACCELERATIONS`.
+    acceleration: str = "none"
 
     def __post_init__(self) -> None:
+        if self.acceleration not in ACCELERATIONS:
+            raise ConfigError(
+                f"cache acceleration {self.acceleration!r} is not one of {ACCELERATIONS}. Hint: rebuild with "
+                "build_cache.py --acceleration"
+            )
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
         object.__setattr__(self, "candidates", tuple(self.candidates))
         object.__setattr__(self, "leaf_modules", tuple(str(m) for m in self.leaf_modules or ()))

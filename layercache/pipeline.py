@@ -29,7 +29,7 @@ import torch
 
 from layercache.archive import package_cached, read_mar
 from layercache.build import BuildConfig, build_cache, policy_sample
-from layercache.config import POLICY_SOURCES, CacheSpec, HandlerConfig
+from layercache.config import ACCELERATIONS, POLICY_SOURCES, CacheSpec, HandlerConfig
 from layercache.errors import ArchiveError, ConfigError
 from layercache.graph import Candidate, excluded_layers, find_candidates, leaf_modules_for, list_layer_names
 from layercache.offline import open_mar
@@ -58,6 +58,8 @@ class BuildRequest:
         log_dir: where the cached archive keeps recording (default: the recording archive's log dir).
         measure_policy: time shrink / no-shrink / backbone-only per batch size here and store the fastest.
         policy_source: the cached workers' ``layercache.policy_source``.
+        acceleration: the engine cached workers run on (:data:`~layercache.config.ACCELERATIONS`), recorded in the
+            spec and applied at load.
         max_rows: use the newest this many logged rows (None: all). The build's memory follows the rows it uses,
             so the default keeps it flat however long the log grows.
         since: only rows logged at or after this time (timezone-aware).
@@ -75,6 +77,7 @@ class BuildRequest:
     log_dir: Path | None = None
     measure_policy: bool = False
     policy_source: str = "auto"
+    acceleration: str = "none"
     max_rows: int | None = 20_000
     since: datetime | None = None
     sample_seed: int | None = None
@@ -84,6 +87,8 @@ class BuildRequest:
     def __post_init__(self) -> None:
         if self.policy_source not in POLICY_SOURCES:
             raise ConfigError(f"policy_source={self.policy_source!r} is not one of {POLICY_SOURCES}")
+        if self.acceleration not in ACCELERATIONS:
+            raise ConfigError(f"acceleration={self.acceleration!r} is not one of {ACCELERATIONS}")
         if self.max_rows is not None and self.max_rows < 1:
             raise ConfigError(f"max_rows={self.max_rows} must be >= 1")
         if self.since is not None and self.since.tzinfo is None:
@@ -136,7 +141,9 @@ def build_cached_archive(request: BuildRequest, *, progress: Progress = no_progr
         sample = policy_sample(LoggedInputs(table, loaded.preprocess), seed=request.config.seed)
         sample_file = Path(tmp) / "sample.pt"
         torch.save(sample, sample_file)
-        spec = dataclasses.replace(result.spec, provenance=provenance(table, request.logs, result.report))
+        spec = dataclasses.replace(
+            result.spec, provenance=provenance(table, request.logs, result.report), acceleration=request.acceleration
+        )
         result.report["provenance"] = spec.provenance
         if request.measure_policy and spec.exits:
             model = CachedModel.from_spec(backbone, spec, heads_state_dict(result.heads))

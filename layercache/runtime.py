@@ -200,11 +200,13 @@ class CachedModel(nn.Module):
         }
         kwargs.update(changes)
         thresholds = kwargs.pop("thresholds")
-        model = CachedModel(
-            list(self.segments), list(self.heads), self.nodes, self.temperatures, thresholds, **kwargs
-        ).train(self.training)
+        same_modules = "segments" not in kwargs and "heads" not in kwargs
+        segments = kwargs.pop("segments", list(self.segments))
+        heads = kwargs.pop("heads", list(self.heads))
+        model = CachedModel(segments, heads, self.nodes, self.temperatures, thresholds, **kwargs).train(self.training)
         model._template = self._template
-        model._graphed = self._graphed
+        # The graphs replay the modules they captured: kept for other thresholds or policy, not for other modules.
+        model._graphed = self._graphed if same_modules else None
         return model
 
     def enable_graphs(self, max_batch: int = 128, capture: Any = None) -> CachedModel:
@@ -258,6 +260,17 @@ class CachedModel(nn.Module):
     def with_policy(self, policy: Mapping[str, str]) -> CachedModel:
         """The same segments, heads and thresholds with another per-batch-size policy."""
         return self._like(policy=policy)
+
+    def with_modules(self, segments: Sequence[nn.Module], heads: Sequence[nn.Module]) -> CachedModel:
+        """The same exits, thresholds and policy over other modules computing the same functions (e.g. the
+        accelerated ones of :func:`layercache.accel.accelerate`). CUDA graphs of :meth:`enable_graphs` are not
+        carried over: they replay the old modules."""
+        if len(segments) != len(self.segments) or len(heads) != len(self.heads):
+            raise ConfigError(
+                f"with_modules needs {len(self.segments)} segments and {len(self.heads)} heads; got "
+                f"{len(segments)} and {len(heads)}"
+            )
+        return self._like(segments=list(segments), heads=list(heads))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The answered class scores in request order (see :class:`CachedOutput`)."""

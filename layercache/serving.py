@@ -620,7 +620,9 @@ class CachedService:
             )
         heads_state = torch.load(model_dir / HEADS_FILE, map_location=device, weights_only=True)
         model = CachedModel.from_spec(backbone, spec, heads_state).to(device)
-        model = _graphs(model, config, device, model_dir / SAMPLE_FILE, batch_size, spec.input_shape)
+        model = accelerate_for_worker(model, spec.acceleration, model_dir / SAMPLE_FILE, batch_size)
+        if spec.acceleration == "none":  # CUDA graphs capture eager modules, not another engine's
+            model = _graphs(model, config, device, model_dir / SAMPLE_FILE, batch_size, spec.input_shape)
         model, source = _choose_policy(model, config, device, model_dir / SAMPLE_FILE, batch_size)
         parts = ServiceParts.create(
             config, inner, backbone, identity, [], input_shape=spec.input_shape, output=model.output
@@ -697,6 +699,34 @@ def _exit_metrics(exits: Sequence[str], nodes: Sequence[str], sizes: Sequence[in
     out = [Metric(METRIC_EXITS, count, (("Exit", name),)) for name, count in zip(names.tolist(), counts.tolist())]
     out += [Metric(METRIC_ROWS, size, (("Segment", node),)) for node, size in zip([*nodes, BACKBONE], sizes) if size]
     return tuple(out)
+
+
+def accelerate_for_worker(model: CachedModel, kind: str, sample_path: Path, batch_size: int = 1) -> CachedModel:
+    """The cached model on the spec's engine (:func:`layercache.accel.accelerate`), built on the archive's logged
+    sample for batches up to the worker's ``batch_size``; the eager model, with a warning saying why, when the
+    engine cannot be built here (its package missing, no sample, a CPU-only engine on a GPU, a failed build)."""
+    if kind == "none":
+        return model
+    if not sample_path.is_file():
+        logger.warning(
+            "acceleration %r needs the archive's %s to build on and it has none; serving eager. Hint: rebuild the "
+            "cache with this version of tools/build_cache.py",
+            kind,
+            sample_path.name,
+        )
+        return model
+    t0 = time.perf_counter()
+    try:
+        from layercache.accel import accelerate, describe
+
+        device = next(model.parameters()).device
+        sample = torch.load(sample_path, map_location=device, weights_only=True).float()
+        accelerated = accelerate(model, kind, sample, max_batch=max(1, int(batch_size or 1)))
+    except Exception as exc:  # noqa: BLE001 - an engine is an optimisation: the eager model serves the same answers
+        logger.warning("acceleration %r is not available here (%s); serving eager", kind, exc)
+        return model
+    logger.info("acceleration %s built in %.1f s: %s", kind, time.perf_counter() - t0, describe(accelerated))
+    return accelerated
 
 
 def _graphs(

@@ -23,6 +23,9 @@ last 3,000 are never seen by the build and are what every table is measured on. 
   the bodies, recording overhead, build time and peak RSS, agreement, exits, FLOPs and served throughput.
 * ``buildmem``: build time and peak RSS (a child process) on the workload's log grown to 10k, 50k and 200k rows
   (:mod:`layercache.testing.biglogs`): the build reads the newest ``--max-rows`` (20,000) whatever the log holds.
+* ``alternatives``: the original and the cached model on eager PyTorch, ``torch.compile``, int8 (PT2E) and ONNX
+  Runtime (:mod:`layercache.testing.alternatives`), interleaved at batch 1, 8, 32, 128 on 2 threads: latency,
+  ratio to the fastest original, agreement with the eager backbone on the unseen images.
 * ``bundle``: ``OUT/device-bundle``, what ``tools/bench_device.py`` needs to measure the model on another device
   (the GPU tables) with no TorchServe and no ``../shared`` there.
 
@@ -124,12 +127,13 @@ WORKLOADS = {
 }
 SECTIONS = (
     "trunk", "tables", "latency", "overhead", "policy", "recording", "serving", "tradeoff", "certify", "bundle",
-    "drift", "soak", "photos224", "buildmem",
+    "drift", "soak", "photos224", "buildmem", "alternatives",
 )  # fmt: skip
 BUILDMEM_ROWS = (10_000, 50_000, 200_000)
 BUILDMEM_ARGS = ("--trials", "1", "--epochs", "4")  # the memory is the point; fewer trials keep three builds short
 CERTIFY_TOLERANCES = (0.005, 0.01, 0.02, 0.05)
 BATCHES = (1, 8, 16, 32, 64, 128)
+ALTERNATIVE_BATCHES = (1, 8, 32, 128)
 TOLERANCES = (0.0025, 0.005, 0.01, 0.02, 0.05)
 
 EPILOG = """examples:
@@ -654,6 +658,36 @@ def _md_recording(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _md_alternatives(res: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    alt = res.get("alternatives")
+    if alt:
+        batches = [str(b) for b in alt["batches"]]
+        lines += [
+            f"### The cache against other accelerations (CPU, {alt['threads']} threads, median ms per batch)",
+            "",
+            "| variant | " + " | ".join(f"batch {b}" for b in batches) + " | agreement | engines | build s |",
+            "|---|" + "---|" * (len(batches) + 3),
+        ]
+        for r in alt["rows"]:
+            cells = [f"{r['ms'][b]:.1f} ({r['ratio'][b]:.2f}x)" for b in batches]
+            lines.append(
+                f"| {r['variant']} | " + " | ".join(cells) + f" | {pct(r['agreement'])} | {', '.join(r['engines'])} "
+                f"| {r['build_s']:.0f} |"
+            )
+        best = alt["rows"][0]["best_original"]
+        lines += [
+            "",
+            "In brackets: the median over rounds of the variant's time over the fastest original variant's in the "
+            "same round (fastest original per batch: " + ", ".join(f"{b}: {best[b]}" for b in batches) + "). "
+            f"Agreement: top-1 answers equal to the eager backbone's on the {alt['n']} unseen images. Build s: "
+            "export, quantization, compile and warm-up up to the largest batch.",
+            "",
+        ]
+        lines += [f"- {n}" for n in alt.get("notes", [])] + ([""] if alt.get("notes") else [])
+    return lines
+
+
 def _md_policy(res: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     if res.get("policy"):
@@ -855,6 +889,7 @@ def markdown(res: dict[str, Any], command: str) -> str:
         _md_soak,
         _md_photos224,
         _md_buildmem,
+        _md_alternatives,
     ):
         lines += section(res)
     return "\n".join(lines)
@@ -1112,6 +1147,22 @@ def step_soak(bench: Bench) -> None:
     }
 
 
+def step_alternatives(bench: Bench) -> None:
+    """The cache against torch.compile, int8 and ONNX Runtime on the original (layercache.testing.alternatives)."""
+    import io
+    import zipfile
+
+    from layercache.config import SAMPLE_FILE
+    from layercache.testing.alternatives import compare
+
+    models = bench.models()
+    with zipfile.ZipFile(bench.paths["cached"]) as z:  # the logged rows the archive's worker would build on
+        sample = torch.load(io.BytesIO(z.read(SAMPLE_FILE)), map_location="cpu", weights_only=True).float()
+    result = compare(models.backbone, models.cached, models.x, sample, batches=ALTERNATIVE_BATCHES,
+                     repeats=bench.args.repeats, threads=2)  # fmt: skip
+    bench.res["alternatives"] = result.to_dict()
+
+
 #: Section -> its step, in the order they run (trunk and serving share one TorchServe).
 STEPS = {
     "tables": step_tables,
@@ -1128,6 +1179,7 @@ STEPS = {
     "soak": step_soak,
     "photos224": step_photos224,
     "buildmem": step_buildmem,
+    "alternatives": step_alternatives,
 }
 
 

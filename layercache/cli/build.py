@@ -20,7 +20,7 @@ from statistics import NormalDist
 
 from layercache.build import RULES, BuildConfig
 from layercache.cli import run_command, setup_logging
-from layercache.config import POLICY_SOURCES
+from layercache.config import ACCELERATIONS, POLICY_SOURCES
 from layercache.errors import ConfigError
 from layercache.pipeline import BuildRequest, build_cached_archive, list_layers
 from layercache.progress import progress
@@ -37,6 +37,7 @@ EPILOG = """examples:
   python tools/build_cache.py --mar model.mar --logs logs/m --cost latency --version 2.0 -o m_cached.mar --report r/
   python tools/build_cache.py --mar model.mar --logs logs/m --list-layers
   python tools/build_cache.py --check --mar model-store/fashion_cached.mar --logs logs/fashion   # 0 fresh, 3 stale
+  python tools/build_cache.py --mar model.mar --logs logs/m --acceleration onnx -o m_cached.mar
   python tools/build_cache.py --mar tf_port.mar --logs logs/t --leaf-modules SamePadConv2d -o t_cached.mar
 """
 
@@ -119,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="where cached workers get their per-batch-size policy: 'startup' times it on the worker's device "
         "before taking traffic, 'stored' uses --policy's (or shrink everywhere), 'auto' is startup on a GPU, "
         "stored elsewhere (default: auto)",
+    )
+    p.add_argument(
+        "--acceleration",
+        choices=ACCELERATIONS,
+        default="none",
+        help="engine cached workers run the segments and heads on, built at load on the archive's logged sample "
+        "(layercache.accel; compile/int8 take a while at startup, int8/onnx need the CPU and the accel extras; a "
+        "worker without the package serves eager with a warning) (default: none)",
     )
     p.add_argument("--layers", default=None, help="comma-separated candidate fx node names (default: automatic)")
     p.add_argument("--list-layers", action="store_true", help="print the candidate and all cuttable layers, then exit")
@@ -240,6 +249,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> t
             log_dir=ns.log_dir,
             measure_policy=ns.policy,
             policy_source=ns.policy_source,
+            acceleration=ns.acceleration,
             max_rows=ns.max_rows,
             since=ns.since,
             sample_seed=ns.sample_seed,

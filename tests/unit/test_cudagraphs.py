@@ -121,6 +121,8 @@ def test_derived_models_keep_the_graphs_and_the_state_dict_does_not_list_them() 
     model.enable_graphs(max_batch=8, capture=eager_capture)
     assert set(model.state_dict()) == keys
     assert model.with_thresholds([0.9]).graphs_enabled and model.with_policy({"1": "graphs"}).graphs_enabled
+    # Other modules (layercache.accel): the graphs would replay the old ones, so they are dropped.
+    assert not model.with_modules(list(model.segments), list(model.heads)).graphs_enabled
     assert not model.disable_graphs().graphs_enabled
 
 

@@ -456,3 +456,18 @@ def test_build_since_and_sample_seed_choose_the_rows(pipeline: dict[str, Path], 
     assert not (tmp_path / "c.mar").exists()
     with pytest.raises(SystemExit):
         tool("tools/build_cache.py")([*base, "--since", "yesterday"])
+
+
+def test_bench_alternatives_section_renders_the_comparison(tmp_path: Path) -> None:
+    from layercache.testing.alternatives import compare
+    from tests.unit.test_alternatives import make_models
+
+    bench = tool_module("tools/bench.py")
+    assert bench.parse_args(["--out", str(tmp_path), "--sections", "alternatives"])[0].sections == ("alternatives",)
+    assert bench.STEPS["alternatives"] is bench.step_alternatives
+    backbone, cached = make_models()
+    x = torch.randn(12, 6, generator=torch.Generator().manual_seed(1))
+    result = compare(backbone, cached, x, x[:4], kinds=("none",), batches=(1, 4), repeats=1, rounds=1, threads=1)
+    md = "\n".join(bench._md_alternatives({"alternatives": result.to_dict()}))
+    assert "| eager original | " in md and "| eager cached | " in md and "(1.00x)" in md
+    assert md.count("batch 1 |") == 1 and "batch 4" in md and "12 unseen images" in md
