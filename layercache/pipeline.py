@@ -120,7 +120,13 @@ def build_cached_archive(request: BuildRequest, *, progress: Progress = no_progr
         ArchiveError: the archive is not a usable eager classifier archive, or ``output`` exists.
     """
     t0 = time.perf_counter()
-    table = _read(request)
+    table = _read(
+        request.logs,
+        max_rows=request.max_rows,
+        since=request.since,
+        sample_seed=request.sample_seed,
+        strict=request.strict,
+    )
     info = read_mar(request.mar)
     with tempfile.TemporaryDirectory(prefix="layercache-build-") as tmp:
         loaded = open_mar(request.mar, Path(tmp) / "mar")
@@ -201,19 +207,19 @@ def provenance(table: Any, logs: Path, report: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def _read(request: BuildRequest) -> Any:
-    logs = request.logs
+def _read(
+    logs: Path,
+    *,
+    max_rows: int | None,
+    since: datetime | None = None,
+    sample_seed: int | None = None,
+    strict: bool = False,
+) -> Any:
     compacted = compact(logs) if Path(logs).is_dir() else []
     if compacted:
         logger.info("compacted %d finished log segments to Parquet", len(compacted))
     # read_logs reads only the chosen rows' columns: a log larger than memory still builds with max_rows.
-    return read_logs(
-        logs,
-        max_rows=request.max_rows,
-        since=request.since,
-        sample_seed=request.sample_seed,
-        strict=request.strict,
-    )
+    return read_logs(logs, max_rows=max_rows, since=since, sample_seed=sample_seed, strict=strict)
 
 
 @dataclass(frozen=True)
@@ -243,7 +249,7 @@ class LayerListing:
 
 def list_layers(mar: Path, logs: Path, *, leaf_modules: tuple[str, ...] = ()) -> LayerListing:
     """Candidate layers of the archive's classifier for the logged input shape, and every cuttable layer."""
-    table = _read(logs, 1)
+    table = _read(logs, max_rows=1)
     with tempfile.TemporaryDirectory(prefix="layercache-layers-") as tmp:
         loaded = open_mar(mar, Path(tmp) / "mar")
         example = LoggedInputs(table, loaded.preprocess).batch([0])
