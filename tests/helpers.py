@@ -223,6 +223,22 @@ def solid_png(size: int = 32) -> bytes:
     return buffer.getvalue()
 
 
+def noise_pngs(n: int, seed: int = 0) -> list[bytes]:
+    """``n`` seeded 28x28 grayscale PNGs of uniform noise (request bodies the tiny classifiers accept)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
 def read_properties(path: Path) -> dict[str, str]:
     """The entries of a TorchServe ``config.properties`` (Java Properties: ``#``/``!`` comments, ``key=value``,
     a backslash escapes the next character). Enough for the files this repository ships."""

@@ -13,12 +13,9 @@ request must succeed.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from layercache.archive import wrap_for_recording
 from layercache.config import HandlerConfig
@@ -26,23 +23,13 @@ from layercache.offline import open_mar
 from layercache.runtime import weights_fingerprint
 from layercache.testing.soak import soak
 from layercache.testing.torchserve import TorchServeProcess, require_torchserve
-from tests.helpers import SHAPE, cached_archive, tiny_archive
+from tests.helpers import SHAPE, cached_archive, noise_pngs, tiny_archive
 
 pytestmark = pytest.mark.integration
 
 MODEL = "tiny"
 SECONDS = 60.0
 CAP_MB = 0.5
-
-
-def _pngs(n: int) -> list[bytes]:
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
 
 
 def test_a_minute_of_load_with_swaps_and_scaling(tmp_path: Path) -> None:
@@ -77,7 +64,7 @@ def test_a_minute_of_load_with_swaps_and_scaling(tmp_path: Path) -> None:
         ]
         result = soak(
             f"{server.inference_url}/predictions/{MODEL}",
-            _pngs(200),
+            noise_pngs(200),
             names,
             seconds=SECONDS,
             concurrency=8,

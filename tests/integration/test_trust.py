@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -34,23 +33,13 @@ from layercache.testing.backbones import archive_fashion_classifier
 from layercache.testing.torchserve import TorchServeProcess, require_torchserve
 from layercache.trafficlog import compact, read_logs
 from layercache.training import TrainConfig
-from tests.helpers import EXIT_NODE, ROOT, SHAPE, cached_archive, tiny_archive
+from tests.helpers import EXIT_NODE, ROOT, SHAPE, cached_archive, noise_pngs, tiny_archive
 
 pytestmark = pytest.mark.integration
 
 MODEL = "tiny"
 EXIT_HEADER = "x-layercache-exit"
 TIMEOUT_S = 30.0
-
-
-def _pngs(n: int, seed: int) -> list[bytes]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
 
 
 def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
@@ -143,7 +132,7 @@ def test_verified_answers_reach_the_log_and_the_metrics(setup: Setup, tmp_path: 
         certified={"bound": 1.0}, log_dir=logs, handler={"verify_fraction": 1.0, "guard": "off"},
     )  # fmt: skip
     url = _register(setup, mar, "1.0-verified")
-    answers = _send(setup, url, _pngs(64, seed=1))
+    answers = _send(setup, url, noise_pngs(64, seed=1))
     assert [s for s, _ in answers] == [200] * 64
     assert {h.get(EXIT_HEADER) for _, h in answers} == {EXIT_NODE}
     head = _describe(setup.server, "1.0-verified")["verification"]["heads"][0]
@@ -163,7 +152,7 @@ def test_the_guard_disables_a_wrong_head_under_traffic_without_a_failed_request(
         certified={"bound": 0.05}, log_dir=tmp_path / "guarded-logs", handler={"verify_fraction": 1.0},
     )  # fmt: skip
     url = _register(setup, mar, "1.0-guarded")
-    answers = _send(setup, url, _pngs(240, seed=2))
+    answers = _send(setup, url, noise_pngs(240, seed=2))
     assert [s for s, _ in answers] == [200] * 240
     exits = [h.get(EXIT_HEADER) for _, h in answers]
     assert exits.count(EXIT_NODE) >= 50 and exits[-40:] == [BACKBONE] * 40

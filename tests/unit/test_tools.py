@@ -415,7 +415,7 @@ def test_build_cache_delta_sets_the_certified_promise(pipeline: dict[str, Path],
     )
 
 
-def test_bench_parses_every_field_it_reads(tmp_path: Path) -> None:
+def test_bench_parses_soak_seconds(tmp_path: Path) -> None:
     """--soak-seconds has its flag again (BenchArgs read it without one, so every bench run failed at startup)."""
     bench = tool_module("tools/bench.py")
     args, quiet = bench.parse_args(["--out", str(tmp_path), "--soak-seconds", "30", "--sections", "soak"])
