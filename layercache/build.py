@@ -517,27 +517,48 @@ def search(
     )
 
 
-def resample(state: SearchState, seed: int) -> SearchState:
-    """The same trained heads with the validation and test rows drawn anew (seeded) from the rows held out of
-    training: what another build on the same traffic would have chosen thresholds on and certified on.
+def resample(
+    state: SearchState, seed: int, unseen: Sequence[tuple[np.ndarray, np.ndarray]], unseen_pred: np.ndarray
+) -> tuple[SearchState, list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """The same trained heads and validation rows, with the certification rows drawn anew (seeded) from the build's
+    test rows together with ``unseen`` rows no part of the build saw: what another build on the same traffic could
+    have certified on. For experiments on the promise (how often it breaks over many builds) without training the
+    heads again: the heads and the thresholds come from the training and validation rows alone, as in a real build,
+    so each draw is a valid certification.
 
-    For experiments on the threshold rules (how often a promise breaks over many builds) without training the heads
-    again; the heads' early stopping and temperatures still used the original validation rows.
+    Args:
+        unseen: per kept head (in :attr:`SearchState.kept` order), its ``(confidence, answer)`` on the unseen rows.
+        unseen_pred: the backbone's answer on them.
+
+    Returns:
+        The state to :func:`finalize`, and the rows left out of its certification, for evaluating what it chose:
+        per kept head ``(confidence, answer)``, and the backbone's answers (as many rows as ``unseen``).
     """
+    kept = state.kept
+    if len(unseen) != len(kept):
+        raise ConfigError(f"unseen scores for {len(unseen)} heads, the state has {len(kept)} trained heads")
     tr, va, te = state.idx
-    pool = np.concatenate([va, te])
-    perm = np.random.default_rng(seed).permutation(len(pool))
-    new_va, new_te = pool[perm[: len(va)]], pool[perm[len(va) :]]
-    results = []
+    n_extra = len(unseen_pred)
+    order = np.random.default_rng(seed).permutation(len(te) + n_extra)
+    certify, rest = order[: len(te)], order[len(te) :]
+    # Rows of the extended state: the logged rows, then the unseen ones.
+    rows = np.concatenate([te, len(state.backbone_pred) + np.arange(n_extra)])
+    backbone_pred = np.concatenate([state.backbone_pred, unseen_pred])
+    pooled_pred = backbone_pred[rows]
+    results, left = [], []
+    scores = iter(unseen)
     for r in state.results:
         if r.head is None:
             results.append(r)
             continue
-        conf = np.concatenate([r.scores["val"][0], r.scores["test"][0]])[perm]
-        pred = np.concatenate([r.scores["val"][1], r.scores["test"][1]])[perm]
-        scores = {"val": (conf[: len(va)], pred[: len(va)]), "test": (conf[len(va) :], pred[len(va) :])}
-        results.append(replace(r, scores=scores, trials=list(r.trials)))
-    return replace(state, results=results, idx=(tr, new_va, new_te))
+        conf_u, pred_u = next(scores)
+        conf = np.concatenate([r.scores["test"][0], conf_u])
+        pred = np.concatenate([r.scores["test"][1], pred_u])
+        new_scores = {"val": r.scores["val"], "test": (conf[certify], pred[certify])}
+        results.append(replace(r, scores=new_scores, trials=list(r.trials)))
+        left.append((conf[rest], pred[rest]))
+    new = replace(state, results=results, idx=(tr, va, rows[certify]), backbone_pred=backbone_pred, labels=None)
+    return new, left, pooled_pred[rest]
 
 
 def min_tolerance(n_val: int, margin_z: float) -> float:

@@ -7,13 +7,15 @@ an estimate of the whole cache's disagreement (the sum over heads of hit rate x 
 TorchServe metrics and in the describe output, next to the tolerance the build certified.
 
 The guard holds each head to the bound the build certified for it (``ExitSpec.certified["bound"]``: its
-disagreement among its hits on rows the build never trained on). Every :data:`CHECK_EVERY` verified hits it asks
-whether the last :data:`WINDOW` of them show, at confidence ``1 - GUARD_DELTA``, more disagreement than that bound
-(their one-sided lower bound above it); a head that does is ``disable``d (answers nothing more) or gets a
-``raise``d threshold, and the reason is logged once. Each check can fire falsely with probability at most
-``GUARD_DELTA`` for a head exactly at its bound, less for the heads a build certifies (their true disagreement is
-below the bound). Workers do not share memory: each guards on its own counts; the verified rows are recorded, so
-the next build (and ``build_cache.py --check``) sees every worker's.
+disagreement among its hits on rows the build never trained on). After every batch with verified hits it weighs the
+head's verified answers as a sequential test (:func:`layercache.certify.excess_evidence`, an e-value that may be
+looked at after every answer): a head whose verified answers are all wrong trips after a handful of them, one just
+above its bound after enough of them. A head that trips is ``disable``d (answers nothing more) or gets a ``raise``d
+threshold, and the reason is logged once. The evidence restarts every :data:`EPOCH` verified answers, so a head
+that goes wrong late is caught as fast as one wrong from the start; epoch ``e`` trips at ``e (e + 1) /
+GUARD_DELTA``, so a head within its bound trips falsely with probability at most :data:`GUARD_DELTA` over the
+worker's whole life (Ville's inequality, summed over epochs). Workers do not share memory: each guards on its own
+counts; the verified rows are recorded, so the next build (and ``build_cache.py --check``) sees every worker's.
 
 Example::
 
@@ -34,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from layercache.certify import clopper_pearson_lower, clopper_pearson_upper
+from layercache.certify import clopper_pearson_upper, excess_evidence
 from layercache.config import CacheSpec
 from layercache.runtime import CachedModel, CachedOutput
 
@@ -42,12 +44,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CacheMonitor", "HeadMonitor"]
 
-#: Verified hits a head's guard looks back on.
-WINDOW = 1000
-#: How often (verified hits) the guard checks a head, and the fewest verified hits it ever decides on.
-CHECK_EVERY = 50
-#: Chance of a false trip per check for a head exactly at its certified bound.
+#: Verified answers per epoch of the guard's evidence, and the most a raised threshold is chosen on.
+EPOCH = 1000
+#: Chance that the guard ever trips, over a worker's life, on a head whose disagreement is within its bound.
 GUARD_DELTA = 0.001
+#: Fewest verified answers a raised threshold is chosen on; a head that trips on fewer is disabled.
+MIN_RAISE = 50
 #: Confidence level of the reported live bounds.
 REPORT_DELTA = 0.05
 # A raised threshold must keep the window's point disagreement at this share of the head's bound.
@@ -66,8 +68,10 @@ class HeadMonitor:
     agreed: int = 0
     state: str = "active"
     reason: str = ""
-    window: deque = field(default_factory=lambda: deque(maxlen=WINDOW))  # (confidence, agreed) of verified hits
-    _since_check: int = 0
+    window: deque = field(default_factory=lambda: deque(maxlen=EPOCH))  # (confidence, agreed) of verified hits
+    epoch: int = 1
+    epoch_verified: int = 0
+    epoch_wrong: int = 0
 
     @property
     def agreement(self) -> float:
@@ -85,31 +89,60 @@ class HeadMonitor:
             "agreement": self.agreement,
             "agreement_lower_bound": 1.0 - clopper_pearson_upper(wrong, self.verified, REPORT_DELTA),
             "certified_disagreement_bound": self.bound,
+            "guard_evidence": round(self.evidence, 3),
+            "guard_trips_at": round(self.trips_at, 3),
             "reason": self.reason,
         }
 
+    @property
+    def evidence(self) -> float:
+        """Log e-value of this epoch's verified answers against a disagreement within the certified bound."""
+        return excess_evidence(self.epoch_wrong, self.epoch_verified, self.bound)
+
+    @property
+    def trips_at(self) -> float:
+        """The log e-value at which the guard trips in this epoch: ``log(e (e + 1) / GUARD_DELTA)``."""
+        return math.log(self.epoch * (self.epoch + 1) / GUARD_DELTA)
+
+    def add(self, confidence: Sequence[float], agreed: Sequence[bool]) -> None:
+        """Count verified answers (the head's confidence on each, and whether it agreed with the backbone)."""
+        self.verified += len(agreed)
+        self.agreed += int(sum(agreed))
+        self.window.extend(zip(confidence, agreed, strict=True))
+        self.epoch_verified += len(agreed)
+        self.epoch_wrong += len(agreed) - int(sum(agreed))
+
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        self.epoch_verified = self.epoch_wrong = 0
+
     def trip(self, guard: str) -> float | None:
-        """Check the window; returns the head's new threshold (``inf`` when disabled) when the guard fires."""
-        if self.state == "disabled" or self._since_check < CHECK_EVERY or len(self.window) < CHECK_EVERY:
+        """Weigh this epoch's verified answers; returns the head's new threshold (``inf`` when disabled) when the
+        guard fires."""
+        if self.state == "disabled" or not self.epoch_verified:
             return None
-        self._since_check = 0
-        conf = np.fromiter((c for c, _ in self.window), dtype=np.float64, count=len(self.window))
-        agree = np.fromiter((a for _, a in self.window), dtype=bool, count=len(self.window))
-        wrong = int((~agree).sum())
-        lower = clopper_pearson_lower(wrong, len(agree), GUARD_DELTA)
-        if lower <= self.bound:
+        if self.evidence < self.trips_at:
+            if self.epoch_verified >= EPOCH:
+                self._next_epoch()
             return None
+        wrong, n = self.epoch_wrong, self.epoch_verified
         why = (
-            f"{wrong} of its last {len(agree)} verified answers disagreed with the backbone: at least "
-            f"{lower:.2%} at {1 - GUARD_DELTA:.1%} confidence, above the {self.bound:.2%} it was certified for"
+            f"{wrong} of its {n} latest verified answers disagreed with the backbone, more than the {self.bound:.2%} "
+            f"it was certified for allows (sequential test; a head within its bound trips with chance at most "
+            f"{GUARD_DELTA:.1%})"
         )
         if guard == "off":
             if not self.reason:
                 logger.warning("head %s: %s (guard off: it keeps answering)", self.node, why)
             self.reason = why
             return None
-        new = _raised(conf, agree, self.bound * _RAISE_MARGIN) if guard == "raise" else math.inf
+        new = math.inf
+        if guard == "raise" and len(self.window) >= MIN_RAISE:
+            conf = np.fromiter((c for c, _ in self.window), dtype=np.float64, count=len(self.window))
+            agree = np.fromiter((a for _, a in self.window), dtype=bool, count=len(self.window))
+            new = _raised(conf, agree, self.bound * _RAISE_MARGIN)
         self.reason = why
+        self._next_epoch()
         if math.isfinite(new) and new > self.threshold:
             logger.warning("head %s: %s; threshold raised %.4f -> %.4f", self.node, why, self.threshold, new)
             self.state, self.threshold = "raised", new
@@ -122,11 +155,11 @@ class HeadMonitor:
 
 def _raised(conf: np.ndarray, agree: np.ndarray, allowed: float) -> float:
     """The lowest confidence above which the window's verified answers disagree on at most ``allowed`` of them
-    (and at least :data:`CHECK_EVERY` remain); ``inf`` when there is none."""
+    (and at least :data:`MIN_RAISE` remain); ``inf`` when there is none."""
     order = np.argsort(-conf, kind="stable")
     wrong = np.cumsum(~agree[order])
     n = np.arange(1, len(order) + 1)
-    ok = (wrong <= allowed * n) & (n >= CHECK_EVERY)
+    ok = (wrong <= allowed * n) & (n >= MIN_RAISE)
     if not ok.any():
         return math.inf
     last = int(np.nonzero(ok)[0].max())
@@ -173,10 +206,7 @@ class CacheMonitor:
                     v = mine & verified
                     n = int(v.sum())
                     if n:
-                        head.verified += n
-                        head.agreed += int(agreed[v].sum())
-                        head.window.extend(zip(conf[v].tolist(), agreed[v].tolist(), strict=True))
-                        head._since_check += n
+                        head.add(conf[v].tolist(), agreed[v].tolist())
                         if head.trip(self.guard) is not None:
                             fired.append(head.node)
             if fired:

@@ -62,26 +62,54 @@ class SoakResult:
     def rps(self) -> float:
         return len(self.answers) / self.seconds if self.seconds else 0.0
 
-    def _after_warmup(self) -> list[Sample]:
-        return [s for s in self.samples if s.t >= self.warmup_s] or self.samples
+    def _warm(self) -> dict[int, list[Sample]]:
+        """Per worker, the samples from the end of its own warm-up on: ``warmup_s`` after the soak's start for the
+        workers there from the start, ``warmup_s`` after it first shows up for one a scale-up started later (its
+        first requests grow its memory as they did the first workers')."""
+        first: dict[int, float] = {}
+        warm: dict[int, list[Sample]] = {}
+        for s in self.samples:
+            for pid in s.rss:
+                first.setdefault(pid, s.t if s.t > self.samples[0].t else 0.0)
+                if s.t >= first[pid] + self.warmup_s:
+                    warm.setdefault(pid, []).append(s)
+        return warm
 
     def _growth(self, attr: str) -> tuple[float, int]:
-        """Per worker alive from the first sample after warm-up on: the largest relative and absolute growth of
-        ``attr`` over its first value (workers started later by a scale-up are watched from their first sample)."""
-        first: dict[int, int] = {}
+        """The largest relative and absolute growth of ``attr`` of one worker over its value when it was warm."""
         rel, absolute = 0.0, 0
-        for s in self._after_warmup():
-            for pid, v in getattr(s, attr).items():
-                if pid not in first:
-                    first[pid] = v
-                elif first[pid]:
-                    rel = max(rel, v / first[pid] - 1.0)
-                    absolute = max(absolute, v - first[pid])
+        for pid, samples in self._warm().items():
+            base = getattr(samples[0], attr).get(pid, 0)
+            for s in samples[1:]:
+                v = getattr(s, attr).get(pid, 0)
+                if base and v:
+                    rel = max(rel, v / base - 1.0)
+                    absolute = max(absolute, v - base)
         return rel, absolute
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Per worker: when it was seen, and its RSS (MB) when warm, at its last sample and at most."""
+        out = []
+        for pid, samples in self._warm().items():
+            rss = [s.rss[pid] for s in samples if s.rss.get(pid)]
+            if not rss:
+                continue
+            out.append(
+                {
+                    "pid": pid,
+                    "warm_at_s": round(samples[0].t, 1),
+                    "last_s": round(samples[-1].t, 1),
+                    "rss_mb_warm": round(rss[0] / 2**20, 1),
+                    "rss_mb_last": round(rss[-1] / 2**20, 1),
+                    "rss_mb_max": round(max(rss) / 2**20, 1),
+                    "growth": round(max(rss) / rss[0] - 1.0, 4),
+                }
+            )
+        return out
 
     @property
     def rss_growth(self) -> float:
-        """Largest growth of a worker's RSS after warm-up, as a fraction of its first value then."""
+        """Largest growth of a worker's RSS after its warm-up, as a fraction of its value then."""
         return self._growth("rss")[0]
 
     @property
@@ -104,6 +132,7 @@ class SoakResult:
             "fd_growth": self.fd_growth,
             "max_log_mb": round(self.max_log_bytes / 2**20, 2),
             "actions": [f"{t:.0f} s: {name}" for t, name in self.actions],
+            "workers": self.workers(),
         }
 
 

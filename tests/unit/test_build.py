@@ -26,6 +26,7 @@ from layercache.build import (
     labels_to_index,
     min_tolerance,
     pick_trials,
+    resample,
     search,
     split_indices,
 )
@@ -325,3 +326,33 @@ def test_affordable_space_costs_heads_in_closed_form(monkeypatch: pytest.MonkeyP
     edge = [s for s in space if 0.5 * cap < heads.head_flops(s, cand.shape, CLASSES) < 2 * cap]
     for spec in edge[:: max(1, len(edge) // 10)]:
         assert heads.head_flops(spec, cand.shape, CLASSES) == heads._counted_flops(spec, cand.shape, CLASSES)
+
+
+def test_resample_draws_certification_rows_from_the_test_rows_and_unseen_ones(
+    traffic: tuple[pa.Table, np.ndarray],
+) -> None:
+    state = search(make_backbone(), traffic[0], CONFIG)
+    tr, va, te = state.idx
+    kept = state.kept
+    # "Unseen" rows for the experiment: 40 made-up rows per head (any scores will do for the bookkeeping).
+    rng = np.random.default_rng(3)
+    unseen = [(rng.uniform(0.1, 1.0, 40), rng.integers(0, CLASSES, 40)) for _ in kept]
+    unseen_pred = rng.integers(0, CLASSES, 40)
+    drawn, left, left_pred = resample(state, 7, unseen, unseen_pred)
+    assert np.array_equal(drawn.idx[0], tr) and np.array_equal(drawn.idx[1], va) and len(drawn.idx[2]) == len(te)
+    assert len(left_pred) == 40 and drawn.labels is None
+    # The certification rows and the left-over rows split the pool of test + unseen rows between them.
+    pool_pred = np.concatenate([state.backbone_pred[te], unseen_pred])
+    assert sorted(np.concatenate([drawn.backbone_pred[drawn.idx[2]], left_pred])) == sorted(pool_pred)
+    for r, new, (conf_u, _), (conf_left, _) in zip(kept, drawn.kept, unseen, left, strict=True):
+        assert np.array_equal(new.scores["val"][0], r.scores["val"][0])  # thresholds still come from validation
+        pooled = np.concatenate([r.scores["test"][0], conf_u])
+        assert sorted(np.concatenate([new.scores["test"][0], conf_left])) == sorted(pooled)
+    again, _, _ = resample(state, 7, unseen, unseen_pred)
+    other, _, _ = resample(state, 8, unseen, unseen_pred)
+    assert np.array_equal(again.idx[2], drawn.idx[2]) and not np.array_equal(other.idx[2], drawn.idx[2])
+    promise = finalize(drawn, 0.1).report["promise"]
+    assert promise["rows"] == len(te)
+    assert promise["upper_bound"] == pytest.approx(clopper_pearson_upper(promise["disagreements"], len(te), 0.05))
+    with pytest.raises(ConfigError, match="unseen scores for 1 heads"):
+        resample(state, 7, unseen[:1], unseen_pred)
