@@ -471,3 +471,29 @@ def test_bench_alternatives_section_renders_the_comparison(tmp_path: Path) -> No
     md = "\n".join(bench._md_alternatives({"alternatives": result.to_dict()}))
     assert "| eager original | " in md and "| eager cached | " in md and "(1.00x)" in md
     assert md.count("batch 1 |") == 1 and "batch 4" in md and "12 unseen images" in md
+
+
+def test_bench_search_only_sections_record_but_build_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A certify (or tradeoff) run needs the recorded logs and one head search, not a built cache: it records and
+    skips the build (a whole build's time on 2 cores); any other section still builds first."""
+    bench = tool_module("tools/bench.py")
+    calls: list[str] = []
+
+    class FakeBench:
+        def __init__(self, args) -> None:
+            self.args, self.paths, self.res = args, {}, {"machine": "m", "date": "d"}
+
+        def save(self) -> None: ...
+
+        def close(self) -> None: ...
+
+    monkeypatch.setattr(bench, "Bench", FakeBench)
+    monkeypatch.setattr(bench, "record_only", lambda paths: calls.append("record"))
+    monkeypatch.setattr(bench, "step_build", lambda b: calls.append("build"))
+    for name in ("certify", "tradeoff", "tables"):
+        monkeypatch.setitem(bench.STEPS, name, lambda b, name=name: calls.append(name))
+    bench.run_bench(bench.parse_args(["--out", str(tmp_path), "--sections", "certify,tradeoff"])[0], "cmd")
+    assert calls == ["record", "tradeoff", "certify"]
+    calls.clear()
+    bench.run_bench(bench.parse_args(["--out", str(tmp_path), "--sections", "certify,tables"])[0], "cmd")
+    assert calls == ["build", "tables", "certify"]
