@@ -12,7 +12,7 @@ head's verified answers as a sequential test (:func:`layercache.certify.excess_e
 looked at after every answer): a head whose verified answers are all wrong trips after a handful of them, one just
 above its bound after enough of them. A head that trips is ``disable``d (answers nothing more) or gets a ``raise``d
 threshold, and the reason is logged once. The evidence restarts every :data:`EPOCH` verified answers, so a head
-that goes wrong late is caught as fast as one wrong from the start; epoch ``e`` trips at ``e (e + 1) /
+that goes wrong late is caught almost as fast as one wrong from the start; epoch ``e`` trips at ``e (e + 1) /
 GUARD_DELTA``, so a head within its bound trips falsely with probability at most :data:`GUARD_DELTA` over the
 worker's whole life (Ville's inequality, summed over epochs). Workers do not share memory: each guards on its own
 counts; the verified rows are recorded, so the next build (and ``build_cache.py --check``) sees every worker's.

@@ -155,9 +155,11 @@ def test_the_guard_disables_a_wrong_head_under_traffic_without_a_failed_request(
     answers = _send(setup, url, noise_pngs(240, seed=2))
     assert [s for s, _ in answers] == [200] * 240
     exits = [h.get(EXIT_HEADER) for _, h in answers]
-    assert exits.count(EXIT_NODE) >= 50 and exits[-40:] == [BACKBONE] * 40
+    # The sequential test acts on a handful of wrong verified answers: the head answered a batch or two, then
+    # the backbone answered everything (before, the guard waited for 50 verified hits).
+    assert 1 <= exits.count(EXIT_NODE) <= 24 and exits[-200:] == [BACKBONE] * 200
     head = _describe(setup.server, "1.0-guarded")["verification"]["heads"][0]
-    assert head["state"] == "disabled" and "certified for" in head["reason"]
+    assert head["state"] == "disabled" and "certified for" in head["reason"] and head["verified"] <= 24
 
 
 def test_check_flags_new_traffic_and_a_changed_backbone_and_refresh_swaps_only_a_better_cache(
