@@ -213,6 +213,20 @@ class CacheMonitor:
                 self.model = self.model.with_thresholds([h.threshold for h in self.heads])
         return fired
 
+    def verify_shares(self, base: float) -> list[float]:
+        """Per head, the share of its hits to verify: ``base``, raised for a head that answers rarely so that it
+        gets as many verified answers as a head with an even share of the hits (``base / (K x its share)``, at most
+        1). A rare head then gives the guard evidence within a few hundred requests instead of a few thousand; the
+        extra verification is at most ``base`` again of the hits. The shares depend only on the hit counts, never on
+        whether an answer was right, so every head's verified answers stay a fair sample of its hits (and
+        ``build_cache.py --check`` weighs each head by its own hit rate)."""
+        with self._lock:
+            hits = [h.hits for h in self.heads]
+        total, k = sum(hits), len(hits)
+        if base <= 0 or not total:
+            return [max(base, 0.0)] * k
+        return [max(base, min(1.0, base * total / (k * n))) if n else 1.0 for n in hits]
+
     def estimated_disagreement(self) -> float:
         """Sum over heads of hit rate x (1 - live agreement); heads without verified hits count as certified."""
         if not self.rows:

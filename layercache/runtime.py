@@ -295,7 +295,7 @@ class CachedModel(nn.Module):
         x: torch.Tensor,
         mode: str | None = None,
         *,
-        verify: float = 0.0,
+        verify: float | Sequence[float] = 0.0,
         generator: torch.Generator | None = None,
     ) -> CachedOutput:
         """Algorithm 1: segments in order; after each head answer the confident rows and shrink the batch.
@@ -309,7 +309,8 @@ class CachedModel(nn.Module):
                 CUDA graphs, see :meth:`enable_graphs`; plain ``shrink`` when they are not enabled); default
                 :meth:`mode_for`.
             verify: share of cache hits that also run the rest of the backbone (online verification): they are
-                answered by the head all the same, and ``backbone_pred`` says what the backbone would have answered.
+                answered by the head all the same, and ``backbone_pred`` says what the backbone would have answered;
+                one share for every head, or one per head (:meth:`layercache.monitor.CacheMonitor.verify_shares`).
                 In ``noshrink`` mode every row runs the backbone, so every hit is verified at no cost.
             generator: random source of the verification draws (seeded in tests), on ``x``'s device.
         """
@@ -317,8 +318,9 @@ class CachedModel(nn.Module):
         mode = mode or self.mode_for(batch)
         if mode not in RUN_MODES:
             raise ConfigError(f"mode {mode!r} is not one of {RUN_MODES}")
-        if not 0.0 <= verify <= 1.0:
-            raise ConfigError(f"verify={verify} must be a fraction in [0, 1]")
+        shares = [float(verify)] * len(self.heads) if isinstance(verify, (int, float)) else [float(v) for v in verify]
+        if len(shares) != len(self.heads) or not all(0.0 <= v <= 1.0 for v in shares):
+            raise ConfigError(f"verify={verify} must be a fraction in [0, 1], or one per head ({len(self.heads)})")
         device = x.device
         no_row = torch.full((batch,), BACKBONE_EXIT, dtype=torch.long, device=device)
         segments: Sequence[Any] = self.segments
@@ -373,8 +375,8 @@ class CachedModel(nn.Module):
             if not shrink:
                 continue
             go_on = ~hit
-            if verify > 0:
-                go_on |= hit & (torch.rand(hit.shape, device=device, generator=generator) < verify)
+            if shares[i] > 0:
+                go_on |= hit & (torch.rand(hit.shape, device=device, generator=generator) < shares[i])
             keep = go_on.nonzero().squeeze(1)  # the one host sync of this head
             if keep.shape[0] == h.shape[0]:
                 continue

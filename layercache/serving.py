@@ -642,7 +642,7 @@ class CachedService:
     ) -> tuple[dict[int, Reply], list[Metric]]:
         model = self.monitor.model
         with torch.inference_mode():
-            out = model.run(x, verify=self.parts.config.verify_fraction)
+            out = model.run(x, verify=self.monitor.verify_shares(self.parts.config.verify_fraction))
             exits = exit_names(model.nodes, out.exit_index)
             replies = _postprocess(self.parts.inner, out.output, [i for i, _ in batch], exits)
             ok = _answered(replies, batch)

@@ -83,3 +83,18 @@ def test_guard_off_reports_once_and_keeps_answering() -> None:
     head = HeadMonitor("h", bound=0.02, threshold=0.5)
     assert _feed(head, np.ones(50, dtype=bool), guard="off") is None
     assert head.state == "active" and head.threshold == 0.5 and "disagreed" in head.reason
+
+
+def test_a_rare_head_gets_a_larger_verification_share_than_the_base() -> None:
+    from layercache.monitor import CacheMonitor
+
+    monitor = CacheMonitor(model=None, heads=[HeadMonitor(f"h{i}", 0.02, 0.5) for i in range(4)], tolerance=0.01,
+                           guard="disable")  # fmt: skip
+    assert monitor.verify_shares(0.1) == [0.1] * 4  # no hits yet
+    for head, hits in zip(monitor.heads, (900, 80, 15, 5), strict=True):
+        head.hits = hits
+    shares = monitor.verify_shares(0.1)
+    # An even share is 250 hits of 1,000; each rarer head is verified as often as such a head would be (25).
+    assert shares[0] == 0.1 and shares[1] == pytest.approx(0.1 * 1000 / (4 * 80)) and shares[2:] == [1.0, 1.0]
+    assert sum(s * h.hits for s, h in zip(shares, monitor.heads, strict=True)) <= 2 * 0.1 * 1000
+    assert monitor.verify_shares(0.0) == [0.0] * 4  # verification off stays off

@@ -420,6 +420,20 @@ def test_verified_hits_run_the_backbone_and_keep_the_head_answer(x: torch.Tensor
     assert every.batch_sizes[1] >= plain.batch_sizes[1]
 
 
+def test_verification_shares_can_differ_per_head(x: torch.Tensor) -> None:
+    model = cached((0.9, 0.9))
+    with torch.inference_mode():
+        plain = model.run(x)
+        first_only = model.run(x, verify=[1.0, 0.0])
+    hits = plain.exit_index
+    # Every hit of the first head is verified, none of the second's.
+    assert torch.equal(first_only.verified, hits == 0) and torch.equal(first_only.logits, plain.logits)
+    with pytest.raises(ConfigError, match="one per head"):
+        model.run(x, verify=[1.0])
+    with pytest.raises(ConfigError, match="fraction"):
+        model.run(x, verify=[1.0, 2.0])
+
+
 class _DictOutput(nn.Module):
     """The test backbone returning ``{"logits": ..., "features": ...}`` and, optionally, probabilities."""
 
