@@ -11,6 +11,8 @@ last 3,000 are never seen by the build and are what every table is measured on. 
 * ``overhead``: cached model whose heads never fire vs original (the price of the heads).
 * ``policy``: the per-batch-size mode (shrink / noshrink / backbone) ``build_cache.py --policy`` would pick here.
 * ``recording``: the recording handler vs the original handler in process, per batch (what recording costs).
+* ``verification``: the cached model with online verification at ``verify_fraction`` 0.02 (each head's share as a
+  worker gives it) vs without, in process, per batch (what verification costs).
 * ``serving``: closed-loop load through TorchServe, original vs cached vs recording, several concurrencies.
 * ``tradeoff``: accuracy/FLOPs across tolerances (one search, thresholds and selection per tolerance).
 * ``drift``: blurred, noised unseen images to the static, guarded and refreshed cache through TorchServe.
@@ -126,9 +128,11 @@ WORKLOADS = {
     ),
 }
 SECTIONS = (
-    "trunk", "tables", "latency", "overhead", "policy", "recording", "serving", "tradeoff", "certify", "bundle",
-    "drift", "soak", "photos224", "buildmem", "alternatives",
+    "trunk", "tables", "latency", "overhead", "policy", "recording", "verification", "serving", "tradeoff",
+    "certify", "bundle", "drift", "soak", "photos224", "buildmem", "alternatives",
 )  # fmt: skip
+#: The handler's default ``verify_fraction``, whose cost the ``verification`` section measures.
+VERIFY_FRACTION = 0.02
 #: Sections with a workload of their own: a run of only these does not record and build the headline model.
 OWN_WORKLOAD = {"photos224"}
 #: Sections that re-threshold one head search of the recorded logs: a run of only these records, and builds nothing.
@@ -336,6 +340,23 @@ def recording_cost(paths: dict[str, Path], repeats: int, batches: tuple[int, ...
     for r in out:  # the "cached" side of these rows is the recording handler
         r["recording_ms"], r["recording_range_ms"] = r.pop("cached_ms"), r.pop("cached_range_ms")
     return out
+
+
+def verification_cost(models: Models, repeats: int, batches: tuple[int, ...] = (1, 8, 32, 128)) -> dict[str, Any]:
+    """In process: the cached model verifying :data:`VERIFY_FRACTION` of its hits, with each head's share as a
+    worker gives it (``CacheMonitor.verify_shares`` on the hit counts of the unseen images), against the same model
+    verifying nothing, on the same real batches, paired."""
+    from layercache.monitor import CacheMonitor, HeadMonitor
+
+    model, x = models.cached, models.x
+    with torch.inference_mode():
+        exits = torch.cat([model.run(x[i : i + 256]).exit_index for i in range(0, len(x), 256)])
+    heads = [HeadMonitor(node, 1.0, t, hits=int((exits == k).sum()))
+             for k, (node, t) in enumerate(zip(model.nodes, model.thresholds, strict=True))]  # fmt: skip
+    shares = CacheMonitor(model, heads, 0.0, "off").verify_shares(VERIFY_FRACTION)
+    rows = latency_rows(model.run, lambda xb: model.run(xb, verify=shares), x, repeats, batches=batches)
+    verified = sum(share * h.hits for share, h in zip(shares, heads, strict=True)) / max(1, sum(h.hits for h in heads))
+    return {"verify_fraction": VERIFY_FRACTION, "shares": shares, "verified_share_of_hits": verified, "rows": rows}
 
 
 # ----------------------------------------------------------------------------------------------- serving
@@ -686,6 +707,24 @@ def _md_recording(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _md_verification(res: dict[str, Any]) -> list[str]:
+    v = res.get("verification")
+    if not v:
+        return []
+    lines = [
+        f"### Online verification at verify_fraction {v['verify_fraction']}, in process (median ms per batch)",
+        "",
+        "| batch | no verification | verification | with / without (paired) |",
+        "|---|---|---|---|",
+    ]
+    for r in v["rows"]:
+        lines.append(f"| {r['batch']} | {r['original_ms']:.1f} | {r['cached_ms']:.1f} | {r['ratio']:.3f} |")
+    shares = ", ".join(f"{s:.3f}" for s in v["shares"])
+    lines += ["", f"Per-head shares (rare heads raised): {shares}; {v['verified_share_of_hits']:.1%} of all hits "
+              "verified.", ""]  # fmt: skip
+    return lines
+
+
 def _md_alternatives(res: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     alt = res.get("alternatives")
@@ -936,6 +975,7 @@ def markdown(res: dict[str, Any], command: str) -> str:
         _md_tables,
         _md_latency_overhead,
         _md_recording,
+        _md_verification,
         _md_policy,
         _md_serving,
         _md_tradeoff,
@@ -1067,6 +1107,10 @@ def step_policy(bench: Bench) -> None:
     from layercache.runtime import measure_policy
 
     bench.res["policy"] = measure_policy(bench.models().cached, bench.models().x, repeats=bench.args.repeats)
+
+
+def step_verification(bench: Bench) -> None:
+    bench.res["verification"] = verification_cost(bench.models(), bench.args.repeats)
 
 
 def step_recording(bench: Bench) -> None:
@@ -1229,6 +1273,7 @@ STEPS = {
     "overhead": step_overhead,
     "policy": step_policy,
     "recording": step_recording,
+    "verification": step_verification,
     "bundle": step_bundle,
     "trunk": step_serving,
     "serving": step_serving,

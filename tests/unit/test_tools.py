@@ -497,3 +497,20 @@ def test_bench_search_only_sections_record_but_build_nothing(tmp_path: Path, mon
     calls.clear()
     bench.run_bench(bench.parse_args(["--out", str(tmp_path), "--sections", "certify,tables"])[0], "cmd")
     assert calls == ["build", "tables", "certify"]
+
+
+def test_bench_verification_section_times_the_workers_shares_and_renders(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from tests.unit.test_alternatives import make_models
+
+    bench = tool_module("tools/bench.py")
+    assert bench.parse_args(["--out", str(tmp_path), "--sections", "verification"])[0].sections == ("verification",)
+    _, cached = make_models()
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(1))
+    result = bench.verification_cost(SimpleNamespace(cached=cached, x=x), repeats=1, batches=(1, 4))
+    # One head: its share is the base fraction, and that is the share of hits verified.
+    assert result["shares"] == [0.02] and result["verified_share_of_hits"] == pytest.approx(0.02)
+    assert [r["batch"] for r in result["rows"]] == [1, 4] and all(r["ratio"] > 0 for r in result["rows"])
+    md = "\n".join(bench._md_verification({"verification": result}))
+    assert "| batch | no verification | verification |" in md and "2.0% of all hits verified" in md
