@@ -60,6 +60,14 @@ def _send(setup: Setup, url: str, bodies: list[bytes], concurrency: int = 8) -> 
         return list(pool.map(lambda b: _post(url, b, headers), bodies))
 
 
+def _wait_for_rows(logs: Path, rows: int, timeout_s: float = 60.0) -> None:
+    """Until the log holds ``rows`` rows (a loaded machine can take a while to append the last batches)."""
+    deadline = time.monotonic() + timeout_s
+    while read_logs(logs).num_rows < rows:
+        assert time.monotonic() < deadline, f"the log at {logs} has fewer than {rows} rows after {timeout_s} s"
+        time.sleep(0.2)
+
+
 def _describe(server: TorchServeProcess, version: str) -> dict:
     url = f"{server.management_url}/models/{MODEL}/{version}?customized=true"
     request = urllib.request.Request(url, headers=server.management_headers())
@@ -169,21 +177,22 @@ def test_check_flags_new_traffic_and_a_changed_backbone_and_refresh_swaps_only_a
     logs, pngs = setup.fashion_logs, setup.fashion_pngs
     assert [s for s, _ in _send(setup, f"{base}/1.0", pngs[:800])] == [200] * 800
     config = BuildConfig(tolerance=0.05, trials=1, train=TrainConfig(epochs=6, patience=2, num_threads=1))
-    # The first cache is a weak one on purpose: its only head sits at the deepest candidate layer.
+    # The first cache is a weak one on purpose: its only head sits at the deepest candidate layer, and it is built
+    # on the newest 400 rows only (120 certification rows allow it 1 disagreement: conservative thresholds).
     layers = list_layers(setup.fashion_rec, logs)
     weak = replace(config, nodes=(layers.candidates[-1].node,))
     first = build_cached_archive(
         BuildRequest(mar=setup.fashion_rec, logs=logs, output=setup.store / "fashion_c1.mar", config=weak,
-                     version="1.0-c1", log_dir=logs),
+                     version="1.0-c1", log_dir=logs, max_rows=400),
     )  # fmt: skip
     assert first.report["promise"]["passed"], first.report["promise"]
-    assert first.spec.provenance["rows"] == 800
+    assert first.spec.provenance["rows"] == 400
     assert not check_cache(first.output, logs).stale
     client = setup.server.client(timeout_s=120)
     url = _register(setup, first.output, "1.0-c1", FASHION)
     client.set_default(FASHION, "1.0-c1")
     assert [s for s, _ in _send(setup, url, pngs[800:1400])] == [200] * 600
-    time.sleep(0.5)
+    _wait_for_rows(logs, 1400)  # every answered row on disk before the check and the refresh read the log
     found = check_cache(first.output, logs)
     assert found.stale and any("newer than the build" in r for r in found.reasons), found.reasons
 
@@ -193,8 +202,9 @@ def test_check_flags_new_traffic_and_a_changed_backbone_and_refresh_swaps_only_a
     worse = refresh_cache(client, RefreshRequest(**common, version="1.0-c2", config=replace(config, tolerance=0.001)))
     assert not worse.swapped and "could not certify" in worse.reason, worse.reason
     assert client.default_version(FASHION) == "1.0-c1"
-    # Heads at every candidate layer, on the newest traffic: cheaper on the recent requests, so it is swapped in.
-    done = refresh_cache(client, RefreshRequest(**common, version="1.0-c3", config=config))
+    # The same layer on the newest 1,000 rows (300 certification rows: looser certified thresholds, a head trained
+    # on more rows): cheaper on the recent requests, so it is swapped in.
+    done = refresh_cache(client, RefreshRequest(**common, version="1.0-c3", config=weak))
     assert done.swapped, done.reason
     assert done.comparison["candidate"]["mean_flops"] <= done.comparison["running"]["mean_flops"]
     assert client.default_version(FASHION) == "1.0-c3"
