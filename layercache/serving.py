@@ -687,7 +687,9 @@ class CachedService:
         info["exits"] = [{"node": n, "threshold": t} for n, t in zip(model.nodes, model.thresholds)]
         info["policy"] = {"modes": model.policy, "source": self.policy_source}
         info["promise"] = self.spec.certificate
-        info["verification"] = {"fraction": self.parts.config.verify_fraction, **self.monitor.describe()}
+        fraction = self.parts.config.verify_fraction
+        info["verification"] = {"fraction": fraction, "shares": self.monitor.verify_shares(fraction),
+                                **self.monitor.describe()}  # fmt: skip
         return {**info, **self.parts.traffic.describe()}
 
     def close(self) -> None:

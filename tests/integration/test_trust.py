@@ -61,7 +61,8 @@ def _send(setup: Setup, url: str, bodies: list[bytes], concurrency: int = 8) -> 
 
 
 def _wait_for_rows(logs: Path, rows: int, timeout_s: float = 60.0) -> None:
-    """Until the log holds ``rows`` rows (a loaded machine can take a while to append the last batches)."""
+    """Assert the log holds ``rows`` rows (every answered row is appended before its answer returns; this waits
+    out a slow disk rather than failing on it)."""
     deadline = time.monotonic() + timeout_s
     while read_logs(logs).num_rows < rows:
         assert time.monotonic() < deadline, f"the log at {logs} has fewer than {rows} rows after {timeout_s} s"

@@ -118,6 +118,7 @@ def test_verified_hits_are_answered_by_the_head_and_recorded_with_the_backbone_a
     info = json.loads(loaded.handler.describe_handle())
     head = info["verification"]["heads"][0]
     assert (head["hits"], head["verified"]) == (8, 8)
+    assert info["verification"]["shares"] == [1.0]  # what each head's hits are verified at now
     agreed = sum(max(a, key=a.get) == max(e, key=e.get) for a, e in zip(answers, expected, strict=True))
     assert head["agreement"] == pytest.approx(agreed / 8)
     assert 0 <= head["agreement_lower_bound"] <= head["agreement"]
