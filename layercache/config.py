@@ -97,7 +97,8 @@ class HandlerConfig:
         max_body_mb: requests with a larger body get HTTP 413 before anything decodes them.
         max_pixels: images with more pixels than this get HTTP 413, read from their header before decoding.
         verify_fraction: cached workers: share of cache hits that also run the rest of the backbone (answered by
-            the head all the same) so that the head's live agreement is measured and recorded (0: off).
+            the head all the same) so that the head's live agreement is measured and recorded (0: off); spread
+            over the heads by :meth:`layercache.monitor.CacheMonitor.verify_shares`.
         guard: cached workers: what a head whose verified answers show more disagreement than it was certified
             for gets: ``disable`` (answers nothing more), ``raise`` (a higher threshold), ``off`` (only reported).
         output_key: where the class scores are in the backbone's output (a tuple position or a dict key / an

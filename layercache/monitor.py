@@ -214,18 +214,20 @@ class CacheMonitor:
         return fired
 
     def verify_shares(self, base: float) -> list[float]:
-        """Per head, the share of its hits to verify: ``base``, raised for a head that answers rarely so that it
-        gets as many verified answers as a head with an even share of the hits (``base / (K x its share)``, at most
-        1). A rare head then gives the guard evidence within a few hundred requests instead of a few thousand; the
-        extra verification is at most ``base`` again of the hits. The shares depend only on the hit counts, never on
-        whether an answer was right, so every head's verified answers stay a fair sample of its hits (and
+        """Per head, the share of its hits to verify. Half of the budget (``base`` of all hits) is spread evenly over
+        the hits, half evenly over the heads: ``base / 2 + base / (2 K x its share of the hits)``, at most 1. So
+        ``base`` of all hits are verified at most (``verify_fraction`` is the cost it says), a head with an even
+        share of the hits is verified at ``base``, and a head that answers rarely gets a larger share, at least half
+        the verified answers an even split over the heads gives it: the guard has evidence on it within a few
+        hundred requests instead of a few thousand. The shares depend only on the hit counts, never on whether an
+        answer was right, so every head's verified answers stay a fair sample of its hits (and
         ``build_cache.py --check`` weighs each head by its own hit rate)."""
         with self._lock:
             hits = [h.hits for h in self.heads]
         total, k = sum(hits), len(hits)
         if base <= 0 or not total:
             return [max(base, 0.0)] * k
-        return [max(base, min(1.0, base * total / (k * n))) if n else 1.0 for n in hits]
+        return [min(1.0, base / 2 + base * total / (2 * k * n)) if n else 1.0 for n in hits]
 
     def estimated_disagreement(self) -> float:
         """Sum over heads of hit rate x (1 - live agreement); heads without verified hits count as certified."""

@@ -12,7 +12,7 @@ last 3,000 are never seen by the build and are what every table is measured on. 
 * ``policy``: the per-batch-size mode (shrink / noshrink / backbone) ``build_cache.py --policy`` would pick here.
 * ``recording``: the recording handler vs the original handler in process, per batch (what recording costs).
 * ``verification``: the cached model with online verification at ``verify_fraction`` 0.02 (each head's share as a
-  worker gives it) vs without, in process, per batch (what verification costs).
+  worker gives it) vs without, in process per batch, and through TorchServe (what verification costs).
 * ``serving``: closed-loop load through TorchServe, original vs cached vs recording, several concurrencies.
 * ``tradeoff``: accuracy/FLOPs across tolerances (one search, thresholds and selection per tolerance).
 * ``drift``: blurred, noised unseen images to the static, guarded and refreshed cache through TorchServe.
@@ -342,11 +342,17 @@ def recording_cost(paths: dict[str, Path], repeats: int, batches: tuple[int, ...
     return out
 
 
-def verification_cost(models: Models, repeats: int, batches: tuple[int, ...] = (1, 8, 32, 128)) -> dict[str, Any]:
+def verification_cost(
+    models: Models, repeats: int, batches: tuple[int, ...] = (1, 8, 32, 128), rows: int = 1000
+) -> dict[str, Any]:
     """In process: the cached model verifying :data:`VERIFY_FRACTION` of its hits, with each head's share as a
     worker gives it (``CacheMonitor.verify_shares`` on the hit counts of the unseen images), against the same model
-    verifying nothing, on the same real batches, paired."""
+    verifying nothing. Per batch size, one pass is the first ``rows`` unseen images in batches of that size, timed
+    whole: a throughput, so the rare batches where a verified row runs layers nothing else needed count at their
+    full price (a median per batch would not see them). Passes with and without are interleaved, ``repeats`` each;
+    ``ratio`` is the median of the paired ratios."""
     from layercache.monitor import CacheMonitor, HeadMonitor
+    from layercache.timing import interleaved
 
     model, x = models.cached, models.x
     with torch.inference_mode():
@@ -354,9 +360,77 @@ def verification_cost(models: Models, repeats: int, batches: tuple[int, ...] = (
     heads = [HeadMonitor(node, 1.0, t, hits=int((exits == k).sum()))
              for k, (node, t) in enumerate(zip(model.nodes, model.thresholds, strict=True))]  # fmt: skip
     shares = CacheMonitor(model, heads, 0.0, "off").verify_shares(VERIFY_FRACTION)
-    rows = latency_rows(model.run, lambda xb: model.run(xb, verify=shares), x, repeats, batches=batches)
-    verified = sum(share * h.hits for share, h in zip(shares, heads, strict=True)) / max(1, sum(h.hits for h in heads))
-    return {"verify_fraction": VERIFY_FRACTION, "shares": shares, "verified_share_of_hits": verified, "rows": rows}
+    xs = x[:rows]
+    counts = {"verified": 0, "hits": 0}
+
+    def one_pass(b: int, verify: bool) -> None:
+        with torch.inference_mode():
+            for i in range(0, len(xs), b):
+                out = model.run(xs[i : i + b], verify=shares if verify else 0.0)
+                if verify:
+                    counts["verified"] += int(out.verified.sum())
+                    counts["hits"] += int((out.exit_index >= 0).sum())
+
+    out_rows = []
+    for b in progress(batches, "verification"):
+        t = interleaved({"none": lambda b=b: one_pass(b, False), "verified": lambda b=b: one_pass(b, True)},
+                        rounds=repeats)  # fmt: skip
+        ratios = [v / n for v, n in zip(t["verified"], t["none"], strict=True)]
+        out_rows.append({
+            "batch": b,
+            "original_ms": 1e3 * statistics.median(t["none"]) / len(xs),
+            "cached_ms": 1e3 * statistics.median(t["verified"]) / len(xs),
+            "ratio": statistics.median(ratios),
+            "ratio_range": [min(ratios), max(ratios)],
+        })  # fmt: skip
+    verified = counts["verified"] / max(1, counts["hits"])
+    return {"verify_fraction": VERIFY_FRACTION, "shares": shares, "verified_share_of_hits": verified,
+            "rows_per_pass": len(xs), "rows": out_rows}  # fmt: skip
+
+
+def verification_served(
+    paths: dict[str, Path], concurrencies: list[int], repeats: int, n_requests: int
+) -> list[dict[str, Any]]:
+    """Through TorchServe: the cached archive as built (``verify_fraction`` 0.02) against a copy of it with
+    verification off (``with_handler_config``), registered side by side, runs interleaved per repeat; per
+    concurrency the median req/s and the paired ratio (what verification costs the service's throughput)."""
+    import shutil
+
+    from layercache.archive import with_handler_config
+    from layercache.testing.torchserve import TorchServeProcess
+
+    blobs, _ = eval_images(paths["eval"])
+    names = name_to_index(json.loads((EXAMPLE / "index_to_name.json").read_text()))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-verify-") as tmp:
+        store, logs = Path(tmp) / "store", Path(tmp) / "serve-logs"
+        store.mkdir()
+        shutil.copy(paths["cached"], store / "verified.mar")
+        with_handler_config(paths["cached"], store / "unverified.mar", verify_fraction=0.0)
+        with TorchServeProcess(model_store=store, env={"OMP_NUM_THREADS": "2", "LAYERCACHE_LOG_DIR": str(logs)}) as ts:
+            client = ts.client()
+            for name in ("verified", "unverified"):
+                client.register(f"{name}.mar", f"m_{name}", initial_workers=1, batch_size=8, max_batch_delay_ms=20)
+            base, token = ts.inference_url, ts.inference_token
+            for name in ("verified", "unverified"):  # warm-up, not measured
+                load(f"{base}/predictions/m_{name}", blobs[:100], 8, names, token)
+            for c in concurrencies:
+                per: dict[str, list[dict[str, Any]]] = {"verified": [], "unverified": []}
+                for r in range(repeats):
+                    sample = [blobs[i] for i in np.random.default_rng(r).choice(len(blobs), n_requests, False)]
+                    order = ("verified", "unverified") if r % 2 == 0 else ("unverified", "verified")
+                    for name in order:
+                        per[name].append(load(f"{base}/predictions/m_{name}", sample, c, names, token)[1])
+                ratios = [v["rps"] / u["rps"] for v, u in zip(per["verified"], per["unverified"], strict=True)]
+                rows.append({
+                    "concurrency": c,
+                    "unverified_rps": statistics.median(x["rps"] for x in per["unverified"]),
+                    "verified_rps": statistics.median(x["rps"] for x in per["verified"]),
+                    "rps_ratio": statistics.median(ratios),
+                    "rps_ratio_range": [min(ratios), max(ratios)],
+                    "errors": sum(x["errors"] for x in per["verified"] + per["unverified"]),
+                })  # fmt: skip
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------- serving
@@ -712,16 +786,32 @@ def _md_verification(res: dict[str, Any]) -> list[str]:
     if not v:
         return []
     lines = [
-        f"### Online verification at verify_fraction {v['verify_fraction']}, in process (median ms per batch)",
+        f"### Online verification at verify_fraction {v['verify_fraction']}, in process (ms per request, passes "
+        f"of {v.get('rows_per_pass', '?')} unseen images timed whole, medians)",
         "",
-        "| batch | no verification | verification | with / without (paired) |",
+        "| batch | no verification | verification | with / without (paired, min-max) |",
         "|---|---|---|---|",
     ]
     for r in v["rows"]:
-        lines.append(f"| {r['batch']} | {r['original_ms']:.1f} | {r['cached_ms']:.1f} | {r['ratio']:.3f} |")
+        lo, hi = r.get("ratio_range", [r["ratio"], r["ratio"]])
+        lines.append(f"| {r['batch']} | {r['original_ms']:.2f} | {r['cached_ms']:.2f} | {r['ratio']:.3f} "
+                     f"({lo:.3f}-{hi:.3f}) |")  # fmt: skip
     shares = ", ".join(f"{s:.3f}" for s in v["shares"])
-    lines += ["", f"Per-head shares (rare heads raised): {shares}; {v['verified_share_of_hits']:.1%} of all hits "
-              "verified.", ""]  # fmt: skip
+    lines += ["", f"Per-head shares (rare heads raised, the commonest lowered): {shares}; "
+              f"{v['verified_share_of_hits']:.1%} of all hits verified.", ""]  # fmt: skip
+    if v.get("served"):
+        lines += [
+            "Through TorchServe (batchSize 8, the same cached archive with verify_fraction 0.02 and 0, interleaved "
+            "runs, medians):",
+            "",
+            "| clients | req/s, no verification | req/s, verification | ratio (paired, min-max) | errors |",
+            "|---|---|---|---|---|",
+        ]
+        for r in v["served"]:
+            lo, hi = r["rps_ratio_range"]
+            lines.append(f"| {r['concurrency']} | {r['unverified_rps']:.1f} | {r['verified_rps']:.1f} | "
+                         f"{r['rps_ratio']:.3f} ({lo:.3f}-{hi:.3f}) | {r['errors']} |")  # fmt: skip
+        lines.append("")
     return lines
 
 
@@ -1110,7 +1200,12 @@ def step_policy(bench: Bench) -> None:
 
 
 def step_verification(bench: Bench) -> None:
-    bench.res["verification"] = verification_cost(bench.models(), bench.args.repeats)
+    """In process per batch, then through TorchServe at the serving concurrencies."""
+    result = verification_cost(bench.models(), bench.args.repeats)
+    result["served"] = verification_served(
+        bench.paths, list(bench.args.concurrency), bench.args.repeats, bench.args.requests
+    )
+    bench.res["verification"] = result
 
 
 def step_recording(bench: Bench) -> None:

@@ -507,10 +507,16 @@ def test_bench_verification_section_times_the_workers_shares_and_renders(tmp_pat
     bench = tool_module("tools/bench.py")
     assert bench.parse_args(["--out", str(tmp_path), "--sections", "verification"])[0].sections == ("verification",)
     _, cached = make_models()
-    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(1))
-    result = bench.verification_cost(SimpleNamespace(cached=cached, x=x), repeats=1, batches=(1, 4))
-    # One head: its share is the base fraction, and that is the share of hits verified.
-    assert result["shares"] == [0.02] and result["verified_share_of_hits"] == pytest.approx(0.02)
+    x = torch.randn(400, 6, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    result = bench.verification_cost(SimpleNamespace(cached=cached, x=x), repeats=2, batches=(1, 4), rows=400)
+    # One head: its share is the base fraction, and about that share of the hits was verified in the timed passes.
+    assert result["shares"] == [0.02] and 0.005 < result["verified_share_of_hits"] < 0.05
     assert [r["batch"] for r in result["rows"]] == [1, 4] and all(r["ratio"] > 0 for r in result["rows"])
+    assert result["rows_per_pass"] == 400
     md = "\n".join(bench._md_verification({"verification": result}))
-    assert "| batch | no verification | verification |" in md and "2.0% of all hits verified" in md
+    assert "| batch | no verification | verification |" in md and "% of all hits verified" in md
+    served = [{"concurrency": 8, "unverified_rps": 80.0, "verified_rps": 79.0, "rps_ratio": 0.9875,
+               "rps_ratio_range": [0.97, 1.01], "errors": 0}]  # fmt: skip
+    md = "\n".join(bench._md_verification({"verification": {**result, "served": served}}))
+    assert "| 8 | 80.0 | 79.0 | 0.988 (0.970-1.010) | 0 |" in md
