@@ -76,7 +76,7 @@ from layercache.loading import load_cached  # noqa: E402
 from layercache.offline import open_mar, record_images, run_offline  # noqa: E402
 from layercache.pipeline import BuildRequest, build_cached_archive  # noqa: E402
 from layercache.progress import progress  # noqa: E402
-from layercache.runtime import CachedModel  # noqa: E402
+from layercache.runtime import BACKBONE_EXIT, CachedModel  # noqa: E402
 from layercache.testing.backbones import machine  # noqa: E402
 from layercache.testing.bundle import write_bundle  # noqa: E402
 from layercache.testing.load import Run, send_all  # noqa: E402
@@ -369,7 +369,7 @@ def verification_cost(
                 out = model.run(xs[i : i + b], verify=shares if verify else 0.0)
                 if verify:
                     counts["verified"] += int(out.verified.sum())
-                    counts["hits"] += int((out.exit_index >= 0).sum())
+                    counts["hits"] += int((out.exit_index != BACKBONE_EXIT).sum())
 
     out_rows = []
     for b in progress(batches, "verification"):
@@ -378,8 +378,8 @@ def verification_cost(
         ratios = [v / n for v, n in zip(t["verified"], t["none"], strict=True)]
         out_rows.append({
             "batch": b,
-            "original_ms": 1e3 * statistics.median(t["none"]) / len(xs),
-            "cached_ms": 1e3 * statistics.median(t["verified"]) / len(xs),
+            "unverified_ms": 1e3 * statistics.median(t["none"]) / len(xs),
+            "verified_ms": 1e3 * statistics.median(t["verified"]) / len(xs),
             "ratio": statistics.median(ratios),
             "ratio_range": [min(ratios), max(ratios)],
         })  # fmt: skip
@@ -415,12 +415,7 @@ def verification_served(
             for name in ("verified", "unverified"):  # warm-up, not measured
                 load(f"{base}/predictions/m_{name}", blobs[:100], 8, names, token)
             for c in concurrencies:
-                per: dict[str, list[dict[str, Any]]] = {"verified": [], "unverified": []}
-                for r in range(repeats):
-                    sample = [blobs[i] for i in np.random.default_rng(r).choice(len(blobs), n_requests, False)]
-                    order = ("verified", "unverified") if r % 2 == 0 else ("unverified", "verified")
-                    for name in order:
-                        per[name].append(load(f"{base}/predictions/m_{name}", sample, c, names, token)[1])
+                per = interleaved_loads(base, token, names, blobs, ("verified", "unverified"), c, repeats, n_requests)
                 ratios = [v["rps"] / u["rps"] for v, u in zip(per["verified"], per["unverified"], strict=True)]
                 rows.append({
                     "concurrency": c,
@@ -441,6 +436,27 @@ def load(
     the inference key (TorchServe runs with token authorization on)."""
     run = send_all(url, blobs, concurrency, names, desc=url.rsplit("/", 1)[-1], token=token)
     return run, {"concurrency": concurrency, **summarize_latency(from_run(run))}
+
+
+def interleaved_loads(
+    url: str,
+    token: str | None,
+    names: dict[str, int],
+    blobs: list[bytes],
+    models: tuple[str, ...],
+    concurrency: int,
+    repeats: int,
+    n_requests: int,
+) -> dict[str, list[dict[str, Any]]]:
+    """Per repeat, one sample of ``n_requests`` bodies sent to every model in turn (``url``/predictions/m_NAME),
+    the order reversed every other repeat: runs of one repeat are back to back, so a slow phase of the machine hits
+    them alike. Returns each model's per-repeat load summaries."""
+    per: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
+    for r in range(repeats):
+        sample = [blobs[i] for i in np.random.default_rng(r).choice(len(blobs), n_requests, False)]
+        for m in models if r % 2 == 0 else models[::-1]:
+            per[m].append(load(f"{url}/predictions/m_{m}", sample, concurrency, names, token)[1])
+    return per
 
 
 def serve(
@@ -491,11 +507,7 @@ def serve(
             }
             # Load: interleaved per repeat, medians.
             for c in concurrencies:
-                per: dict[str, list[dict[str, Any]]] = {k: [] for k in models}
-                for r in range(repeats):
-                    sample = [blobs[i] for i in np.random.default_rng(r).choice(len(blobs), n_requests, False)]
-                    for name in models:
-                        per[name].append(load(f"{base}/predictions/m_{name}", sample, c, names, token)[1])
+                per = interleaved_loads(base, token, names, blobs, tuple(models), c, repeats, n_requests)
                 row = {"concurrency": c}
                 for name, rs in per.items():
                     row[name] = {
@@ -794,7 +806,7 @@ def _md_verification(res: dict[str, Any]) -> list[str]:
     ]
     for r in v["rows"]:
         lo, hi = r.get("ratio_range", [r["ratio"], r["ratio"]])
-        lines.append(f"| {r['batch']} | {r['original_ms']:.2f} | {r['cached_ms']:.2f} | {r['ratio']:.3f} "
+        lines.append(f"| {r['batch']} | {r['unverified_ms']:.2f} | {r['verified_ms']:.2f} | {r['ratio']:.3f} "
                      f"({lo:.3f}-{hi:.3f}) |")  # fmt: skip
     shares = ", ".join(f"{s:.3f}" for s in v["shares"])
     lines += ["", f"Per-head shares (rare heads raised, the commonest lowered): {shares}; "

@@ -520,3 +520,20 @@ def test_bench_verification_section_times_the_workers_shares_and_renders(tmp_pat
                "rps_ratio_range": [0.97, 1.01], "errors": 0}]  # fmt: skip
     md = "\n".join(bench._md_verification({"verification": {**result, "served": served}}))
     assert "| 8 | 80.0 | 79.0 | 0.988 (0.970-1.010) | 0 |" in md
+
+
+def test_bench_interleaved_loads_send_one_sample_to_every_model_and_alternate_the_order(monkeypatch) -> None:
+    bench = tool_module("tools/bench.py")
+    calls = []
+
+    def fake_load(url, sample, concurrency, names, token):
+        calls.append((url.rsplit("_", 1)[1], tuple(sample), concurrency))
+        return None, {"rps": float(len(calls))}
+
+    monkeypatch.setattr(bench, "load", fake_load)
+    blobs = [bytes([i]) for i in range(20)]
+    per = bench.interleaved_loads("http://x", None, {}, blobs, ("a", "b"), 4, repeats=3, n_requests=5)
+    assert [c[0] for c in calls] == ["a", "b", "b", "a", "a", "b"]  # reversed every other repeat
+    assert calls[0][1] == calls[1][1] != calls[2][1] == calls[3][1]  # one sample per repeat, for both models
+    assert all(len(c[1]) == 5 and c[2] == 4 for c in calls)
+    assert [x["rps"] for x in per["a"]] == [1.0, 4.0, 5.0] and len(per["b"]) == 3
