@@ -342,15 +342,40 @@ def recording_cost(paths: dict[str, Path], repeats: int, batches: tuple[int, ...
     return out
 
 
+def verification_flops(report: dict[str, Any], hit_rates: list[float], shares: list[float]) -> dict[str, Any]:
+    """What verification adds in FLOPs, from the build report's per-exit FLOPs: a verified hit of head k runs the
+    layers after it (``flops_remaining``), so the extra work per request is the sum over heads of hit rate x share x
+    those FLOPs. As a share of the cached model's mean FLOPs, with these ``shares`` and with ``VERIFY_FRACTION``
+    of every head's hits."""
+    cached = report["mean_flops_cached"]
+    remaining = [float(e["flops_remaining"]) for e in report["exits"]]
+    heads = [{"node": e["node"], "hit_rate": rate, "share": share,
+              "remaining_of_original": rest / report["mean_flops_original"],
+              "extra_of_cached": rate * share * rest / cached}
+             for e, rate, share, rest in zip(report["exits"], hit_rates, shares, remaining, strict=True)]  # fmt: skip
+    uniform = sum(rate * VERIFY_FRACTION * rest for rate, rest in zip(hit_rates, remaining, strict=True)) / cached
+    return {
+        "heads": heads,
+        "extra_of_cached": sum(h["extra_of_cached"] for h in heads),
+        "extra_of_cached_uniform": uniform,
+        "cached_of_original": cached / report["mean_flops_original"],
+    }
+
+
 def verification_cost(
-    models: Models, repeats: int, batches: tuple[int, ...] = (1, 8, 32, 128), rows: int = 1000
+    models: Models,
+    repeats: int,
+    batches: tuple[int, ...] = (1, 8, 32, 128),
+    rows: int = 1000,
+    report: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """In process: the cached model verifying :data:`VERIFY_FRACTION` of its hits, with each head's share as a
     worker gives it (``CacheMonitor.verify_shares`` on the hit counts of the unseen images), against the same model
     verifying nothing. Per batch size, one pass is the first ``rows`` unseen images in batches of that size, timed
     whole: a throughput, so the rare batches where a verified row runs layers nothing else needed count at their
     full price (a median per batch would not see them). Passes with and without are interleaved, ``repeats`` each;
-    ``ratio`` is the median of the paired ratios."""
+    ``ratio`` is the median of the paired ratios. With the build's ``report``, also what it adds in FLOPs
+    (:func:`verification_flops`, on the unseen images' hit rates)."""
     from layercache.monitor import CacheMonitor, HeadMonitor
     from layercache.timing import interleaved
 
@@ -384,18 +409,19 @@ def verification_cost(
             "ratio_range": [min(ratios), max(ratios)],
         })  # fmt: skip
     verified = counts["verified"] / max(1, counts["hits"])
-    return {"verify_fraction": VERIFY_FRACTION, "shares": shares, "verified_share_of_hits": verified,
-            "rows_per_pass": len(xs), "rows": out_rows}  # fmt: skip
+    out = {"verify_fraction": VERIFY_FRACTION, "shares": shares, "verified_share_of_hits": verified,
+           "rows_per_pass": len(xs), "rows": out_rows}  # fmt: skip
+    if report is not None:
+        out["flops"] = verification_flops(report, [h.hits / len(exits) for h in heads], shares)
+    return out
 
 
 def verification_served(
     paths: dict[str, Path], concurrencies: list[int], repeats: int, n_requests: int
 ) -> list[dict[str, Any]]:
-    """Through TorchServe: the cached archive as built (``verify_fraction`` 0.02) against a copy of it with
-    verification off (``with_handler_config``), registered side by side, runs interleaved per repeat; per
+    """Through TorchServe: two copies of the cached archive (``with_handler_config``), one verifying at
+    :data:`VERIFY_FRACTION` and one not at all, registered side by side, runs interleaved per repeat; per
     concurrency the median req/s and the paired ratio (what verification costs the service's throughput)."""
-    import shutil
-
     from layercache.archive import with_handler_config
     from layercache.testing.torchserve import TorchServeProcess
 
@@ -405,7 +431,7 @@ def verification_served(
     with tempfile.TemporaryDirectory(prefix="bench-verify-") as tmp:
         store, logs = Path(tmp) / "store", Path(tmp) / "serve-logs"
         store.mkdir()
-        shutil.copy(paths["cached"], store / "verified.mar")
+        with_handler_config(paths["cached"], store / "verified.mar", verify_fraction=VERIFY_FRACTION)
         with_handler_config(paths["cached"], store / "unverified.mar", verify_fraction=0.0)
         with TorchServeProcess(model_store=store, env={"OMP_NUM_THREADS": "2", "LAYERCACHE_LOG_DIR": str(logs)}) as ts:
             client = ts.client()
@@ -811,10 +837,25 @@ def _md_verification(res: dict[str, Any]) -> list[str]:
     shares = ", ".join(f"{s:.3f}" for s in v["shares"])
     lines += ["", f"Per-head shares (rare heads raised, the commonest lowered): {shares}; "
               f"{v['verified_share_of_hits']:.1%} of all hits verified.", ""]  # fmt: skip
+    if v.get("flops"):
+        f = v["flops"]
+        lines += [
+            "What the verified rows' remaining layers add (the build report's per-exit FLOPs, the unseen images' hit "
+            "rates):",
+            "",
+            "| head | hit rate | share verified | FLOPs after it (of the original's) | adds (of the cached FLOPs) |",
+            "|---|---|---|---|---|",
+        ]
+        for h in f["heads"]:
+            lines.append(f"| `{h['node']}` | {pct(h['hit_rate'])} | {h['share']:.3f} | "
+                         f"{h['remaining_of_original']:.3f} | {pct(h['extra_of_cached'])} |")  # fmt: skip
+        lines += ["", f"In all {pct(f['extra_of_cached'])} of the cached model's FLOPs with these shares, "
+                  f"{pct(f['extra_of_cached_uniform'])} with {v['verify_fraction']} of every head's hits (the cached "
+                  f"model does {f['cached_of_original']:.3f} of the original's FLOPs).", ""]  # fmt: skip
     if v.get("served"):
         lines += [
-            "Through TorchServe (batchSize 8, the same cached archive with verify_fraction 0.02 and 0, interleaved "
-            "runs, medians):",
+            f"Through TorchServe (batchSize 8, the same cached archive with verify_fraction {v['verify_fraction']} "
+            "and 0, interleaved runs, medians):",
             "",
             "| clients | req/s, no verification | req/s, verification | ratio (paired, min-max) | errors |",
             "|---|---|---|---|---|",
@@ -1213,7 +1254,7 @@ def step_policy(bench: Bench) -> None:
 
 def step_verification(bench: Bench) -> None:
     """In process per batch, then through TorchServe at the serving concurrencies."""
-    result = verification_cost(bench.models(), bench.args.repeats)
+    result = verification_cost(bench.models(), bench.args.repeats, report=bench.report)
     result["served"] = verification_served(
         bench.paths, list(bench.args.concurrency), bench.args.repeats, bench.args.requests
     )

@@ -522,6 +522,30 @@ def test_bench_verification_section_times_the_workers_shares_and_renders(tmp_pat
     assert "| 8 | 80.0 | 79.0 | 0.988 (0.970-1.010) | 0 |" in md
 
 
+def test_bench_verification_flops_are_the_verified_rows_remaining_layers() -> None:
+    bench = tool_module("tools/bench.py")
+    report = {"mean_flops_original": 100.0, "mean_flops_cached": 40.0,
+              "exits": [{"node": "a", "flops_remaining": 80.0}, {"node": "b", "flops_remaining": 20.0}]}  # fmt: skip
+    f = bench.verification_flops(report, hit_rates=[0.5, 0.2], shares=[0.1, 0.5])
+    # (0.5 x 0.1 x 80 + 0.2 x 0.5 x 20) / 40, and with 0.02 of every hit (0.5 x 0.02 x 80 + 0.2 x 0.02 x 20) / 40
+    assert f["extra_of_cached"] == pytest.approx(0.15) and f["extra_of_cached_uniform"] == pytest.approx(0.022)
+    assert [h["remaining_of_original"] for h in f["heads"]] == [0.8, 0.2] and f["cached_of_original"] == 0.4
+    md = "\n".join(
+        bench._md_verification(
+            {
+                "verification": {
+                    "verify_fraction": 0.02,
+                    "shares": [0.1, 0.5],
+                    "verified_share_of_hits": 0.02,
+                    "rows": [],
+                    "flops": f,
+                }
+            }
+        )
+    )
+    assert "| `a` | 50.00% | 0.100 | 0.800 | 10.00% |" in md and "In all 15.00% of the cached model's FLOPs" in md
+
+
 def test_bench_interleaved_loads_send_one_sample_to_every_model_and_alternate_the_order(monkeypatch) -> None:
     bench = tool_module("tools/bench.py")
     calls = []
