@@ -221,13 +221,16 @@ class CacheMonitor:
         the verified answers an even split over the heads gives it: the guard has evidence on it within a few
         hundred requests instead of a few thousand. The shares depend only on the hit counts, never on whether an
         answer was right, so every head's verified answers stay a fair sample of its hits (and
-        ``build_cache.py --check`` weighs each head by its own hit rate)."""
+        ``build_cache.py --check`` weighs each head by its own hit rate). A head the guard disabled answers nothing
+        more: it gets share 0 and leaves the split to the heads that still answer (counting its past hits or its
+        place among the heads would overspend or underspend the budget)."""
         with self._lock:
-            hits = [h.hits for h in self.heads]
-        total, k = sum(hits), len(hits)
+            hits = [h.hits if h.state != "disabled" else None for h in self.heads]
+        live = [n for n in hits if n is not None]
+        total, k = sum(live), len(live)
         if base <= 0 or not total:
-            return [max(base, 0.0)] * k
-        return [min(1.0, base / 2 + base * total / (2 * k * n)) if n else 1.0 for n in hits]
+            return [0.0 if n is None else max(base, 0.0) for n in hits]
+        return [0.0 if n is None else min(1.0, base / 2 + base * total / (2 * k * n)) if n else 1.0 for n in hits]
 
     def estimated_disagreement(self) -> float:
         """Sum over heads of hit rate x (1 - live agreement); heads without verified hits count as certified."""

@@ -107,3 +107,19 @@ def test_a_rare_head_gets_a_larger_verification_share_within_the_base_budget() -
     for n, v in zip(hits, verified, strict=True):
         assert v >= min(n, 0.5 * 25) - 1e-9 and v >= 0.5 * 0.1 * n - 1e-9
     assert monitor.verify_shares(0.0) == [0.0] * 4  # verification off stays off
+
+
+def test_a_disabled_head_leaves_the_verification_budget_to_the_heads_that_still_answer() -> None:
+    from layercache.monitor import CacheMonitor
+
+    monitor = CacheMonitor(model=None, heads=[HeadMonitor(f"h{i}", 0.02, 0.5) for i in range(2)], tolerance=0.01,
+                           guard="disable")  # fmt: skip
+    monitor.heads[0].hits, monitor.heads[1].hits = 300, 100
+    monitor.heads[0].state = "disabled"
+    # Every hit from now on is head 1's: it is verified at the base, not at 1.5x (the old rule counted head 0's
+    # 300 past hits and its half of the split, and spent 0.15 of the hits at a budget of 0.1).
+    assert monitor.verify_shares(0.1) == pytest.approx([0.0, 0.1])
+    monitor.heads[0].hits, monitor.heads[1].hits = 100, 300
+    assert monitor.verify_shares(0.1) == pytest.approx([0.0, 0.1])  # and not at 0.83x
+    monitor.heads[1].state = "disabled"
+    assert monitor.verify_shares(0.1) == [0.0, 0.0]
