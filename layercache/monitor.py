@@ -225,12 +225,15 @@ class CacheMonitor:
         more: it gets share 0 and leaves the split to the heads that still answer (counting its past hits or its
         place among the heads would overspend or underspend the budget)."""
         with self._lock:
-            hits = [h.hits if h.state != "disabled" else None for h in self.heads]
-        live = [n for n in hits if n is not None]
-        total, k = sum(live), len(live)
-        if base <= 0 or not total:
-            return [0.0 if n is None else max(base, 0.0) for n in hits]
-        return [0.0 if n is None else min(1.0, base / 2 + base * total / (2 * k * n)) if n else 1.0 for n in hits]
+            hits = {i: h.hits for i, h in enumerate(self.heads) if h.state != "disabled"}
+        total, k = sum(hits.values()), len(hits)
+        shares = [0.0] * len(self.heads)
+        for i, n in hits.items():
+            if base <= 0 or not total:
+                shares[i] = max(base, 0.0)
+            else:
+                shares[i] = min(1.0, base / 2 + base * total / (2 * k * n)) if n else 1.0
+        return shares
 
     def estimated_disagreement(self) -> float:
         """Sum over heads of hit rate x (1 - live agreement); heads without verified hits count as certified."""
