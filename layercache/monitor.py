@@ -228,9 +228,11 @@ class CacheMonitor:
             hits = {i: h.hits for i, h in enumerate(self.heads) if h.state != "disabled"}
         total, k = sum(hits.values()), len(hits)
         shares = [0.0] * len(self.heads)
+        if base <= 0:
+            return shares
         for i, n in hits.items():
-            if base <= 0 or not total:
-                shares[i] = max(base, 0.0)
+            if not total:  # no hits yet: every head that answers at the base
+                shares[i] = base
             else:
                 shares[i] = min(1.0, base / 2 + base * total / (2 * k * n)) if n else 1.0
         return shares

@@ -132,7 +132,7 @@ SECTIONS = (
     "certify", "bundle", "drift", "soak", "photos224", "buildmem", "alternatives",
 )  # fmt: skip
 #: The handler's default ``verify_fraction``, whose cost the ``verification`` section measures.
-VERIFY_FRACTION = 0.02
+VERIFY_FRACTION = HandlerConfig.verify_fraction
 #: Sections with a workload of their own: a run of only these does not record and build the headline model.
 OWN_WORKLOAD = {"photos224"}
 #: Sections that re-threshold one head search of the recorded logs: a run of only these records, and builds nothing.
